@@ -1,0 +1,64 @@
+"""scorecam_explorer: explore Score-CAM explanations of convolutional networks.
+
+Score-CAM (Wang et al., CVPR-W 2020) weighs channel k of a layer by the model's score on the
+input masked by that channel's upsampled, min-max normalised activation H_k and combines
+``map = ReLU(sum_k w_k A_k)``. The masked forward passes do not depend on the class or on how
+scores become weights, so :func:`compute_cache` runs them once and keeps everything in an
+``xarray.DataTree``; :func:`scorecam` and the explorer recompose maps from it with no model.
+
+Importing the package imports neither torch nor the widgets: names are loaded on first use,
+so a saved cache can be explored where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from scorecam_explorer._version import __version__
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # models and pictures
+    "DEFAULT_MODEL": "scorecam_explorer.models",
+    "LoadedModel": "scorecam_explorer.models",
+    "load_model": "scorecam_explorer.models",
+    "from_module": "scorecam_explorer.models",
+    "available_models": "scorecam_explorer.models",
+    "Preprocessing": "scorecam_explorer.preprocessing",
+    "load_image": "scorecam_explorer.images",
+    "sample_names": "scorecam_explorer.images",
+    "predict": "scorecam_explorer.prediction",
+    # the engine and its cache
+    "compute_cache": "scorecam_explorer.engine",
+    "save_cache": "scorecam_explorer.cache",
+    "load_cache": "scorecam_explorer.cache",
+    "check_cache_matches": "scorecam_explorer.cache",
+    # maps from the cache
+    "scorecam": "scorecam_explorer.compose",
+    "channel_contributions": "scorecam_explorer.compose",
+    "channel_weights": "scorecam_explorer.compose",
+    "top_channels_by_weight": "scorecam_explorer.compose",
+    "top_channels_by_variance": "scorecam_explorer.compose",
+    "PRESETS": "scorecam_explorer.presets",
+    # baselines and evaluation
+    "gradcam": "scorecam_explorer.baselines",
+    "gradcam_pp": "scorecam_explorer.baselines",
+    # the explorer
+    "Explorer": "scorecam_explorer.explorer",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'scorecam_explorer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,27 @@
+"""Arguments shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from scorecam_explorer.models import DEFAULT_MODEL, LoadedModel
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME`` and ``--weights DEFAULT|PATH|none``."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL}; see `scorecam-explorer models`)"
+    )
+    parser.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="DEFAULT (pretrained), a torchvision weights name, a local .pth state dict, or 'none' for random weights",
+    )
+
+
+def model_from_arguments(args: argparse.Namespace) -> LoadedModel:
+    """Load the model the arguments name."""
+    from scorecam_explorer.models import load_model
+
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    return load_model(args.model, weights=weights)

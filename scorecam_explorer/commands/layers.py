@@ -1,0 +1,28 @@
+"""``scorecam-explorer layers``: the layers of a model that Score-CAM can target."""
+
+from __future__ import annotations
+
+import argparse
+
+from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("layers", help="list a model's targetable layers, the default marked")
+    add_model_arguments(parser)
+    parser.add_argument("--all", action="store_true", help="also list the internals of blocks")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = model_from_arguments(args)
+    layers = model.layers(listed_only=not args.all)
+    default = model.default_layer
+    width = max(len(layer.name) for layer in layers)
+    size = model.preprocessing.input_size
+    print(f"{model.name}: {len(layers)} targetable layers at input {size}x{size} (* = default target)")
+    print(f"  {'layer':<{width}}  channels  size")
+    for layer in layers:
+        mark = "*" if layer.name == default else " "
+        print(f"{mark} {layer.name:<{width}}  {layer.channels:>8}  {layer.height}x{layer.width}")
+    return 0

