@@ -44,6 +44,14 @@ _EXPORTS: dict[str, str] = {
     # baselines and evaluation
     "gradcam": "scorecam_explorer.baselines",
     "gradcam_pp": "scorecam_explorer.baselines",
+    # many images on a Dask cluster
+    "compute_dataset": "scorecam_explorer.distributed",
+    "open_dataset": "scorecam_explorer.distributed",
+    "select_image": "scorecam_explorer.distributed",
+    "channel_statistics": "scorecam_explorer.dataset_analysis",
+    "dataset_channel_weights": "scorecam_explorer.dataset_analysis",
+    "dataset_top_channels": "scorecam_explorer.dataset_analysis",
+    "dataset_channel_maps": "scorecam_explorer.dataset_analysis",
     # the explorer
     "Explorer": "scorecam_explorer.explorer",
 }

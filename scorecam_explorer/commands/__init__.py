@@ -8,4 +8,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "models",
     "layers",
     "predict",
+    "map",
+    "compute",
+    "compute_dataset",
+    "evaluate",
+    "app",
 )

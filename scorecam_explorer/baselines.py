@@ -1,0 +1,442 @@
+"""Gradient baselines: Grad-CAM and Grad-CAM++ on the same layers as Score-CAM.
+
+Both explain the score y^c of class c (the logit, before softmax) at a layer with activation
+maps A_k (k = 1..C, each of size u x v) as
+
+    L^c = ReLU( sum_k w_k^c A_k )
+
+and differ only in the channel weights w_k^c, computed from the gradients
+g_k,ij = d y^c / d A_k,ij:
+
+* Grad-CAM (Selvaraju et al., ICCV 2017, eq. 1):
+  w_k = (1 / uv) sum_ij g_k,ij                          (global average of the gradient)
+* Grad-CAM++ (Chattopadhyay et al., WACV 2018, eq. 19, with the exponential-score closed form
+  used by pytorch-grad-cam, i.e. second and third derivatives g^2 and g^3):
+  alpha_k,ij = g^2 / (2 g^2 + (sum_ab A_k,ab) g^3 + eps),   alpha = 0 where g = 0
+  w_k = sum_ij alpha_k,ij ReLU(g_k,ij)
+
+The map is computed at feature resolution, bilinearly upsampled (half-pixel centres, i.e.
+``align_corners=False``, as OpenCV's ``resize``) to the input size and min-max normalised to
+[0, 1] per image; an all-zero map stays all zero.
+
+Gradients are taken exactly at the layer's output: a forward hook swaps the output for a copy
+``Z`` of it whose gradient autograd computes, so in-place operations further on (ResNet's
+``out += identity`` and ``ReLU(inplace=True)``) can neither change the recorded activation nor
+the gradient, and back-propagation stops at the layer. Hooks are removed, and the model's
+``requires_grad`` flags and train/eval modes restored, also when an exception is raised.
+
+This module also holds the small helpers the metrics share: turning a model argument into a
+module, pictures into one input batch, and a target argument into one class per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from scorecam_explorer.errors import (
+    NonFiniteError,
+    ScorecamError,
+    UnknownClassError,
+    UnknownLayerError,
+    did_you_mean,
+)
+
+if TYPE_CHECKING:
+    from scorecam_explorer.models import LoadedModel
+
+ModelLike = Union["LoadedModel", nn.Module]
+TargetLike = Union[int, str, Sequence[Union[int, str]], None]
+
+DEFAULT_BATCH_SIZE = 16
+_GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the alpha denominator
+
+
+# --------------------------------------------------------------------------------------------
+# Model, inputs and targets (shared with the metrics)
+# --------------------------------------------------------------------------------------------
+
+
+def module_of(model: ModelLike) -> nn.Module:
+    """The ``nn.Module`` of a LoadedModel, or the module itself."""
+    if isinstance(model, nn.Module):
+        return model
+    module = getattr(model, "module", None)
+    if isinstance(module, nn.Module):
+        return module
+    raise TypeError(f"expected a LoadedModel or a torch.nn.Module, got {type(model).__name__}")
+
+
+def class_names_of(model: ModelLike) -> list[str] | None:
+    """The model's class names when it is a LoadedModel that has them."""
+    names = getattr(model, "class_names", None)
+    return list(names) if names else None
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (CPU when it has none)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    """Preprocessed model inputs X (N, 3, H, W), float32 on the CPU, with one id per picture."""
+
+    tensor: torch.Tensor
+    image_ids: list[str]
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+def prepare_inputs(model: ModelLike, inputs: Any, image_ids: Sequence[str] | None = None) -> InputBatch:
+    """Turn ``inputs`` into one float32 batch X of shape (N, 3, H, W).
+
+    ``inputs`` is a tensor (N, 3, H, W) or (3, H, W) that is already preprocessed, or one
+    picture / a list of pictures (paths, ``"sample:NAME"``, PIL images, arrays) that are
+    preprocessed with the LoadedModel's preprocessing.
+    """
+    if isinstance(inputs, torch.Tensor):
+        tensor = inputs.detach()
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ScorecamError(
+                f"an input tensor must have shape (N, 3, H, W) or (3, H, W); got {tuple(inputs.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise ScorecamError(f"an input tensor must be floating point (normalised); got {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteError("the input tensor holds NaN or inf values")
+        ids = list(image_ids) if image_ids is not None else [f"image-{i}" for i in range(tensor.shape[0])]
+        tensor = tensor.to("cpu", torch.float32)  # batches go to the model's device one at a time
+    else:
+        from scorecam_explorer.images import image_id, load_image
+
+        preprocessing = getattr(model, "preprocessing", None)
+        if preprocessing is None:
+            raise ScorecamError(
+                "pictures need the model's preprocessing: pass a LoadedModel "
+                "(scorecam_explorer.from_module(module, preprocessing=...)) or a preprocessed tensor"
+            )
+        sources = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if not sources:
+            raise ScorecamError("no pictures given")
+        tensor = torch.stack([preprocessing.to_tensor(load_image(s)) for s in sources])
+        ids = list(image_ids) if image_ids is not None else [image_id(s, i) for i, s in enumerate(sources)]
+    ids = unique_ids([str(i) for i in ids])
+    if len(ids) != tensor.shape[0]:
+        raise ScorecamError(f"{len(ids)} image ids for {tensor.shape[0]} images")
+    return InputBatch(tensor.contiguous(), ids)
+
+
+def unique_ids(ids: Sequence[str]) -> list[str]:
+    """Repeated ids made unique by suffixing ``#2``, ``#3``... (as ``compute_cache`` does)."""
+    seen: dict[str, int] = {}
+    result = []
+    for raw in ids:
+        seen[raw] = seen.get(raw, 0) + 1
+        result.append(raw if seen[raw] == 1 else f"{raw}#{seen[raw]}")
+    return result
+
+
+def resolve_targets(target: TargetLike, logits: torch.Tensor, class_names: Sequence[str] | None) -> list[int]:
+    """One class index per image.
+
+    ``target`` is None (each image's top-1 class), an int, a class name, or a sequence with one
+    int or name per image. Raises UnknownClassError for an index out of range or an unknown name.
+    """
+    n_images, n_classes = int(logits.shape[0]), int(logits.shape[1])
+    if target is None:
+        return [int(c) for c in logits.argmax(dim=1).tolist()]
+    if isinstance(target, (int, np.integer, str)):
+        items: list[Any] = [target] * n_images
+    else:
+        items = list(target)
+        if len(items) != n_images:
+            raise UnknownClassError(f"{len(items)} targets given for {n_images} images: give one per image")
+    return [_class_index(item, n_classes, class_names) for item in items]
+
+
+def _class_index(item: int | str, n_classes: int, class_names: Sequence[str] | None) -> int:
+    if isinstance(item, (bool, np.bool_)):
+        raise UnknownClassError(f"a target class must be an int or a class name, got {item!r}")
+    if isinstance(item, (int, np.integer)):
+        if not 0 <= int(item) < n_classes:
+            raise UnknownClassError(f"class index {int(item)} is out of range: the model has {n_classes} classes")
+        return int(item)
+    if isinstance(item, str):
+        if not class_names:
+            raise UnknownClassError(
+                f"class name {item!r} given but the model has no class names: give the class index instead"
+            )
+        lowered = [n.lower() for n in class_names]
+        if item.lower() in lowered:
+            return lowered.index(item.lower())
+        raise UnknownClassError(f"unknown class name {item!r}.{did_you_mean(item, class_names)}")
+    raise UnknownClassError(f"a target class must be an int or a class name, got {type(item).__name__}")
+
+
+def resolve_layer(model: ModelLike, layer: str | None, input_size: int) -> str:
+    """The layer's ``named_modules()`` name; the model's default layer when ``layer`` is None."""
+    check = getattr(model, "check_layer", None)
+    if callable(check):
+        return str(check(layer)) if layer is not None else str(model.default_layer)  # type: ignore[union-attr]
+    module = module_of(model)
+    if layer is None:
+        from scorecam_explorer.layers import probe_layers
+
+        _, default = probe_layers(module, input_size)
+        if default is None:
+            raise UnknownLayerError("the model has no layer with a spatial output to explain: give layer=...")
+        return default
+    names = [name for name, _ in module.named_modules() if name]
+    if layer not in names:
+        raise UnknownLayerError(f"the model has no layer named {layer!r}.{did_you_mean(layer, names)}")
+    return layer
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside; every flag restored on exit (also on errors)."""
+    training = {m: m.training for m in module.modules()}
+    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    try:
+        module.eval()
+        for parameter in requires_grad:
+            parameter.requires_grad_(False)
+        yield module
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+
+
+def forward_in_batches(
+    module: nn.Module, inputs: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
+) -> torch.Tensor:
+    """f(X) for a batch, run in chunks of ``batch_size`` without gradients; float32 on the CPU."""
+    device = device_of(module)
+    outputs = []
+    with evaluation_mode(module), torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            outputs.append(module(inputs[start : start + batch_size].to(device)).float().cpu())
+    logits = torch.cat(outputs)
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError("the model's output holds NaN or inf values")
+    return logits
+
+
+# --------------------------------------------------------------------------------------------
+# The Grad-CAM pipeline
+# --------------------------------------------------------------------------------------------
+
+WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def gradcam_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM channel weights w_k = mean_ij g_k,ij; (N, C, u, v) -> (N, C)."""
+    return gradients.mean(dim=(2, 3))
+
+
+def gradcam_pp_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ channel weights w_k = sum_ij alpha_k,ij ReLU(g_k,ij); (N, C, u, v) -> (N, C).
+
+    alpha_k,ij = g^2 / (2 g^2 + (sum_ab A_k,ab) g^3 + eps), set to 0 where g = 0 (eq. 19).
+    """
+    squared = gradients.pow(2)
+    cubed = squared * gradients
+    activation_sums = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = squared / (2 * squared + activation_sums * cubed + _GRADCAM_PP_EPS)
+    alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
+    return (alpha * gradients.clamp(min=0)).sum(dim=(2, 3))
+
+
+@dataclass
+class _LayerCapture:
+    """Forward hook that replaces the layer's output O with Z = detached copy of O requiring grad."""
+
+    outputs: list[torch.Tensor]
+    calls: int = 0
+
+    def __call__(self, module: nn.Module, _inputs: object, output: object) -> torch.Tensor:
+        self.calls += 1
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise UnknownLayerError(f"the layer's output must be a 4-D (N, C, H, W) tensor to explain it; got {shape}")
+        leaf = output.detach().clone().requires_grad_(True)
+        self.outputs.append(leaf)
+        # Downstream modules get a differentiable copy: in-place operations there modify the
+        # copy, never the recorded leaf, and its gradient is d y / d O exactly.
+        return leaf.clone()
+
+
+def layer_gradients(
+    model: ModelLike,
+    inputs: torch.Tensor,
+    layer: str,
+    target: TargetLike,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Activations A and gradients dy^c/dA at ``layer`` (both (N, C, u, v)), logits (N, K), classes.
+
+    One forward and one backward pass per batch of images; image n's gradient is taken for its
+    own class c_n (``target`` resolved by :func:`resolve_targets`; None: the top-1 class).
+    Images of a batch do not interact in eval mode, so the gradient of sum_n y^{c_n} with
+    respect to A gives every image's own gradient.
+    """
+    module = module_of(model)
+    layer_module = dict(module.named_modules())[layer]
+    device = device_of(module)
+    n_images = int(inputs.shape[0])
+    if target is not None and not isinstance(target, (int, np.integer, str)) and len(target) != n_images:
+        raise UnknownClassError(f"{len(target)} targets given for {n_images} images: give one per image")
+    activations, gradients, logits, classes = [], [], [], []
+    with evaluation_mode(module), torch.enable_grad():
+        for start in range(0, n_images, batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            capture = _LayerCapture(outputs=[])
+            handle = layer_module.register_forward_hook(capture)
+            try:
+                output = module(batch)
+            finally:
+                handle.remove()
+            if capture.calls != 1:
+                raise UnknownLayerError(
+                    f"layer {layer!r} ran {capture.calls} times in one forward pass; "
+                    "its activation is ambiguous: choose a layer that runs exactly once"
+                )
+            if not isinstance(output, torch.Tensor) or output.ndim != 2:
+                raise ScorecamError("the model must return class scores of shape (N, classes)")
+            batch_target = target
+            if target is not None and not isinstance(target, (int, np.integer, str)):
+                batch_target = list(target)[start : start + batch_size]
+            batch_classes = resolve_targets(batch_target, output.detach(), class_names_of(model))
+            leaf = capture.outputs[0]
+            scores = output.gather(1, torch.as_tensor(batch_classes, device=device)[:, None]).sum()
+            (gradient,) = torch.autograd.grad(scores, leaf, allow_unused=True)
+            if gradient is None:  # the output does not depend on this layer
+                gradient = torch.zeros_like(leaf)
+            activations.append(leaf.detach().float().cpu())
+            gradients.append(gradient.detach().float().cpu())
+            logits.append(output.detach().float().cpu())
+            classes.extend(batch_classes)
+    result = torch.cat(activations), torch.cat(gradients), torch.cat(logits)
+    for name, tensor in zip(("activation", "gradient", "output"), result):
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteError(f"the {name} at layer {layer!r} holds NaN or inf values")
+    return (*result, classes)
+
+
+def weighted_map(activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU(sum_k w_k A_k), upsampled bilinearly to ``size`` and min-max normalised to [0, 1].
+
+    (N, C, u, v) and (N, C) -> (N, H, W). A map that is zero everywhere stays zero.
+    """
+    cam = torch.relu((weights[:, :, None, None] * activations).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return normalise_maps(cam)
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map of (N, H, W) to [0, 1]: (M - min M) / (max M - min M); constant -> 0."""
+    flat = maps.reshape(maps.shape[0], -1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = (flat.max(dim=1).values[:, None, None] - low).clamp(min=0)
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (maps - low) / safe, torch.zeros_like(maps))
+
+
+def _gradient_cam(
+    method: str,
+    weight_function: WeightFunction,
+    model: ModelLike,
+    inputs: Any,
+    layer: str | None,
+    target: TargetLike,
+    batch_size: int,
+) -> xr.DataArray:
+    batch = prepare_inputs(model, inputs)
+    height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
+    layer_name = resolve_layer(model, layer, height)
+    activations, gradients, _, targets = layer_gradients(model, batch.tensor, layer_name, target, batch_size)
+    maps = weighted_map(activations, weight_function(activations, gradients), (height, width))
+    return maps_to_dataarray(maps.numpy(), batch.image_ids, targets, class_names_of(model), method, layer_name)
+
+
+def maps_to_dataarray(
+    maps: np.ndarray,
+    image_ids: Sequence[str],
+    targets: Sequence[int],
+    class_names: Sequence[str] | None,
+    method: str,
+    layer: str,
+) -> xr.DataArray:
+    """Saliency maps (N, H, W) in [0, 1] as a DataArray with dims (image, y, x).
+
+    Coordinates: ``image`` (ids), ``target`` and ``target_name`` along ``image``.
+    Attributes: ``method``, ``layer``.
+    """
+    if not np.isfinite(maps).all():
+        raise NonFiniteError(f"the {method} map at layer {layer!r} holds NaN or inf values")
+    names = [class_names[t] if class_names and t < len(class_names) else str(t) for t in targets]
+    return xr.DataArray(
+        maps.astype(np.float32, copy=False),
+        dims=("image", "y", "x"),
+        coords={
+            "image": list(image_ids),
+            "target": ("image", np.asarray(targets, dtype=np.int64)),
+            "target_name": ("image", names),
+            "y": np.arange(maps.shape[1]),
+            "x": np.arange(maps.shape[2]),
+        },
+        attrs={"method": method, "layer": layer},
+        name="saliency",
+    )
+
+
+def gradcam(
+    model: ModelLike,
+    inputs: Any,
+    layer: str | None = None,
+    target: TargetLike = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> xr.DataArray:
+    """Grad-CAM maps (Selvaraju et al. 2017) in [0, 1] at input resolution, dims (image, y, x).
+
+    L^c = ReLU(sum_k w_k A_k) with w_k = (1/uv) sum_ij d y^c / d A_k,ij, y^c the logit.
+    ``model``: LoadedModel or nn.Module; ``inputs``: tensor (N, 3, H, W) or pictures (with a
+    LoadedModel's preprocessing); ``layer``: a ``named_modules()`` name (default: the model's
+    default layer); ``target``: None (top-1 class), an int, a class name, or one per image.
+    """
+    return _gradient_cam("gradcam", gradcam_weights, model, inputs, layer, target, batch_size)
+
+
+def gradcam_pp(
+    model: ModelLike,
+    inputs: Any,
+    layer: str | None = None,
+    target: TargetLike = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> xr.DataArray:
+    """Grad-CAM++ maps (Chattopadhyay et al. 2018) in [0, 1] at input resolution, dims (image, y, x).
+
+    w_k = sum_ij alpha_k,ij ReLU(g_k,ij), alpha = g^2 / (2 g^2 + sum_ab A_k,ab g^3 + eps).
+    Arguments as for :func:`gradcam`.
+    """
+    return _gradient_cam("gradcam++", gradcam_pp_weights, model, inputs, layer, target, batch_size)
+
+
+GRADIENT_METHODS: dict[str, Callable[..., xr.DataArray]] = {"gradcam": gradcam, "gradcam++": gradcam_pp}

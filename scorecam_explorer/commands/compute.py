@@ -1,0 +1,98 @@
+"""``scorecam-explorer compute``: run the Score-CAM forward passes once and save the cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
+from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
+from scorecam_explorer.runtime import PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compute",
+        help="run the masked forward passes for pictures and layers, save the cache (Zarr)",
+        description=(
+            "Forward every picture masked by every channel of the chosen layers once and save the "
+            "model's full outputs in a cache; maps for any class or preset are then recomposed "
+            "from it without the model (scorecam-explorer map, the explorer)."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="PATH|sample:NAME",
+        help="a picture (repeat for several)",
+    )
+    parser.add_argument(
+        "--layer",
+        action="append",
+        metavar="NAME",
+        help="a layer to explain (repeat for several; default: the model's default layer; see `scorecam-explorer layers`)",
+    )
+    parser.add_argument(
+        "--convention",
+        default=DEFAULT_CONVENTION,
+        choices=list(MASK_CONVENTIONS),
+        help=f"how activations become masks (default: {DEFAULT_CONVENTION})",
+    )
+    parser.add_argument("--batch-size", type=int, help="masked inputs per forward pass (default: measured)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=list(PRECISIONS),
+        help="bfloat16: faster masked passes, slightly different scores (default: float32)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-allocator-tuning",
+        action="store_true",
+        help="leave glibc's malloc settings alone (slower on CPU; results are the same)",
+    )
+    parser.add_argument("--out", required=True, metavar="CACHE.zarr", help="where to save the cache")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scorecam_explorer.cache import cache_layers, save_cache
+    from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.errors import CacheError
+    from scorecam_explorer.images import load_image
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # fail before the costly part
+        raise CacheError(f"{out} already exists; pass --overwrite to replace it.")
+    for source in args.image:
+        load_image(source)  # a bad path fails now, before the model loads
+    model = model_from_arguments(args)
+    cache = compute_cache(
+        model,
+        list(args.image),
+        args.layer,
+        convention=args.convention,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        precision=args.precision,
+        tune_allocator=not args.no_allocator_tuning,
+    )
+    saved = save_cache(cache, out, overwrite=args.overwrite)
+
+    attrs = cache.attrs
+    print(f"model {attrs['model_name']} ({attrs['weights_fingerprint']}), {cache.sizes['image']} image(s), "
+          f"convention {args.convention}, {attrs['dtype']} on {attrs['device']}")
+    for layer in cache_layers(cache):
+        node = cache[layer]
+        channels = node.sizes["channel"]
+        constant = node["constant"].values.sum(axis=1)
+        constant_text = ", ".join(str(int(count)) for count in constant)
+        print(f"  {layer}: {channels} channels, constant per image: {constant_text}")
+    print(f"{attrs['forward_passes']} forward passes in {attrs['seconds']:.1f} s; saved to {saved}")
+    return 0

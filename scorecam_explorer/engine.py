@@ -1,0 +1,326 @@
+"""``compute_cache``: every forward pass Score-CAM needs, once, into one xarray cache.
+
+For images X_1..X_N and each requested layer with channels A_1..A_C:
+
+    logits[i]              = f(X_i)                 one unmasked pass (also records A)
+    baseline_logits[i]     = f(X_i * 0)             one pass for all-zero masks
+    masked_logits[i, k, :] = f(X_i * H_ik)          one pass per non-constant channel
+
+where H_ik is channel k's mask under the chosen convention. A Score-CAM map for any class,
+weighting or channel subset is then a function of these arrays alone
+(:mod:`scorecam_explorer.compose`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import xarray as xr
+from PIL import Image
+from torch import nn
+
+from scorecam_explorer import runtime
+from scorecam_explorer.cache import LayerArrays, build_cache
+from scorecam_explorer.capture import capture, check_finite, forward_call_counter
+from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
+from scorecam_explorer.errors import ScorecamError
+from scorecam_explorer.images import image_id, load_image
+from scorecam_explorer.models import LoadedModel, from_module
+from scorecam_explorer.preprocessing import Preprocessing
+from scorecam_explorer.scoring import baseline_logits, score_layer
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+Inputs = Union[torch.Tensor, ImageInput, Sequence[ImageInput]]
+
+# Images per unmasked / baseline pass (bounds the memory of those passes).
+_IMAGE_CHUNK = 16
+
+
+def compute_cache(
+    model: LoadedModel | nn.Module,
+    inputs: Inputs,
+    layers: str | Sequence[str] | None = None,
+    *,
+    convention: str | MaskConvention = DEFAULT_CONVENTION,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    precision: str = "float32",
+    preprocessing: Preprocessing | None = None,
+    class_names: Sequence[str] | None = None,
+    image_ids: Sequence[str] | None = None,
+    tune_allocator: bool = True,
+    fold_batchnorm: bool = True,
+) -> xr.DataTree:
+    """Run the unmasked, baseline and masked forward passes and return the cache.
+
+    Args:
+        model: a :class:`~scorecam_explorer.models.LoadedModel` (its name, preprocessing,
+            class names, default layer and weights fingerprint are used) or a plain
+            ``nn.Module`` (class names ``class 0``.., model name its class name).
+        inputs: a preprocessed tensor (N, 3, H, W) or (3, H, W), or one picture or a list
+            of pictures (paths, ``"sample:NAME"``, PIL images, uint8 arrays) that the
+            model's preprocessing turns into inputs.
+        layers: a layer name, a list of names, or None for the model's default layer.
+        convention: the mask convention (``paper``, ``official``, ``pytorch-grad-cam``,
+            ``torchcam`` or a :class:`MaskConvention`); recorded in the cache.
+        batch_size: masked inputs per forward pass; None measures the fastest size.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), or a device name.
+        progress: show a progress bar.
+        precision: ``"float32"`` or ``"bfloat16"`` (autocast for the masked and baseline
+            passes only; faster on CPUs with AMX and on GPUs, slightly different scores).
+        preprocessing: overrides the model's preprocessing (how pictures become inputs,
+            and how a tensor input is shown).
+        class_names: overrides the model's class names.
+        image_ids: names of the images (default: file names, ``sample:NAME``, ``image-I``).
+        tune_allocator: keep freed memory in the process (glibc ``mallopt``; faster on CPU,
+            never changes a result; see :func:`scorecam_explorer.runtime.tune_allocator`).
+        fold_batchnorm: run the masked passes on a copy of the model with each BatchNorm
+            folded into the convolution before it (same function, float32 rounding
+            differences only; see :func:`scorecam_explorer.runtime.folded_batchnorm`).
+            Not done when the model carries forward hooks, so that they see every pass.
+
+    Returns:
+        The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
+        ``seconds`` (wall time) among its attributes.
+    """
+    watch = runtime.Stopwatch()
+    mask_convention = get_convention(convention)
+    precision = runtime.check_precision(precision)
+    preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
+    loaded = _as_loaded(model, preprocessing)
+    preprocessing = preprocessing or loaded.preprocessing
+    names = list(class_names) if class_names is not None else list(loaded.class_names)
+    layer_names = _resolve_layers(loaded, layers)
+    batch, pictures, ids = _prepare_inputs(inputs, preprocessing, preprocessing_known, image_ids)
+    compute_device = runtime.resolve_device(device)
+    if tune_allocator:
+        runtime.tune_allocator()
+    channels_last = runtime.uses_channels_last(compute_device)
+    module = loaded.module
+    fingerprint = loaded.fingerprint()
+
+    with _model_on(module, compute_device), runtime.threads_restored():
+        on_device = batch.to(compute_device)
+        folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)))
+        with forward_call_counter(module) as calls, forward_call_counter(folded) as folded_calls:
+            activations, logits = _capture_in_chunks(module, on_device, layer_names)
+            if logits.shape[1] != len(names):
+                raise ScorecamError(
+                    f"the model has {logits.shape[1]} outputs but {len(names)} class names were given."
+                )
+            masked_model = module
+            if folded is not module:
+                if _same_function(folded, on_device, logits):
+                    masked_model = folded
+                else:  # folding changed what the model computes: run the model as it is
+                    runtime.reject_folded(module)
+            baseline = torch.cat(
+                [
+                    baseline_logits(masked_model, chunk, precision=precision, channels_last=channels_last)
+                    for chunk in on_device.split(_IMAGE_CHUNK)
+                ]
+            )
+            layer_arrays = _score_layers(
+                masked_model,
+                on_device,
+                activations,
+                baseline,
+                mask_convention,
+                planner_key=(fingerprint, tuple(batch.shape[1:]), str(compute_device), precision, batch_size),
+                plans=runtime.candidate_plans(compute_device, batch_size),
+                precision=precision,
+                channels_last=channels_last,
+                progress=progress,
+            )
+        forward_passes = calls[0] + (folded_calls[0] if folded is not module else 0)
+
+    return build_cache(
+        pictures=pictures,
+        inputs=batch.numpy(),
+        logits=logits.cpu().numpy(),
+        baseline_logits=baseline.cpu().numpy(),
+        image_ids=ids,
+        class_names=names,
+        layers=layer_arrays,
+        model_name=loaded.name,
+        weights_fingerprint=fingerprint,
+        preprocessing=preprocessing.describe() if preprocessing_known else None,
+        convention=mask_convention,
+        dtype=precision,
+        device=str(compute_device),
+        forward_passes=forward_passes,
+        seconds=watch.seconds,
+    )
+
+
+def _score_layers(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    activations: dict[str, torch.Tensor],
+    baseline: torch.Tensor,
+    convention: MaskConvention,
+    *,
+    planner_key: tuple,
+    plans: list[runtime.Plan],
+    precision: str,
+    channels_last: bool,
+    progress: bool,
+) -> dict[str, LayerArrays]:
+    """The masked passes of every layer, in model order, with one progress bar."""
+    total = sum(int(a.shape[0] * a.shape[1]) for a in activations.values())
+    arrays: dict[str, LayerArrays] = {}
+    with _progress_bar(total, progress) as bar:
+        for name, activation in activations.items():
+            bar.set_postfix_str(name)
+            scores = score_layer(
+                module,
+                inputs,
+                activation,
+                convention,
+                baseline=baseline,
+                planner=runtime.Planner(key=(name, *planner_key), candidates=plans),
+                layer=name,
+                precision=precision,
+                channels_last=channels_last,
+                progress=bar.update,
+            )
+            arrays[name] = LayerArrays(
+                activation=activation.cpu().numpy(),
+                masked_logits=scores.masked_logits.numpy(),
+                constant=scores.constant.numpy(),
+            )
+    return arrays
+
+
+def _folded_model(module: nn.Module, fold: bool, key: tuple) -> nn.Module:
+    """A BatchNorm-folded copy of the model for the masked passes, or the model itself."""
+    if not fold or runtime.has_hooks(module):
+        return module
+    return runtime.folded_batchnorm(module, key) or module
+
+
+def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether ``candidate`` reproduces the unmasked ``logits`` up to float32 rounding."""
+    with torch.inference_mode():
+        output = torch.cat([candidate(chunk).float() for chunk in inputs.split(_IMAGE_CHUNK)])
+    scale = float(logits.abs().max()) or 1.0
+    return output.shape == logits.shape and float((output - logits).abs().max()) <= 1e-4 * scale
+
+
+def _as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return from_module(model, preprocessing=preprocessing)
+    raise ScorecamError(
+        f"model must be a LoadedModel (scorecam_explorer.load_model) or a torch.nn.Module, not {type(model).__name__}."
+    )
+
+
+def _resolve_layers(loaded: LoadedModel, layers: str | Sequence[str] | None) -> list[str]:
+    """Requested layers, checked, without duplicates, shallow to deep."""
+    if layers is None:
+        requested = [loaded.default_layer]
+    elif isinstance(layers, str):
+        requested = [layers]
+    else:
+        requested = [str(layer) for layer in layers]
+        if not requested:
+            raise ScorecamError("no layer given; pass a layer name, a list of names, or None for the default layer.")
+    checked = [loaded.check_layer(layer) for layer in requested]
+    order = {info.name: index for index, info in enumerate(loaded.layers(listed_only=False))}
+    return sorted(set(checked), key=order.__getitem__)
+
+
+def _prepare_inputs(
+    inputs: Inputs,
+    preprocessing: Preprocessing,
+    preprocessing_known: bool,
+    image_ids: Sequence[str] | None,
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(X float32 (N, 3, H, W) on the CPU, pictures uint8 (N, H, W, 3), image ids)."""
+    if isinstance(inputs, torch.Tensor):
+        batch = inputs.detach().to("cpu", torch.float32)
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4 or batch.shape[1] != 3 or batch.shape[0] == 0:
+            raise ScorecamError(
+                f"an input tensor must be a preprocessed (N, 3, H, W) or (3, H, W) batch, got shape {tuple(inputs.shape)}."
+            )
+        check_finite(batch, "the input tensor")
+        batch = batch.contiguous()
+        if preprocessing_known:
+            pictures = preprocessing.denormalise(batch.numpy())
+        else:
+            pictures = _min_max_pictures(batch.numpy())
+        default_ids = [f"image-{index}" for index in range(batch.shape[0])]
+    else:
+        sources = [inputs] if _is_single_picture(inputs) else list(inputs)  # type: ignore[arg-type]
+        if not sources:
+            raise ScorecamError("no images given.")
+        loaded = [load_image(source) for source in sources]
+        pictures = np.stack([preprocessing.crop_image(picture) for picture in loaded])
+        batch = torch.from_numpy(preprocessing.normalise(pictures).copy())
+        default_ids = [image_id(source, index) for index, source in enumerate(sources)]
+    ids = _unique_ids(list(image_ids) if image_ids is not None else default_ids)
+    if len(ids) != batch.shape[0]:
+        raise ScorecamError(f"{len(ids)} image ids given for {batch.shape[0]} images.")
+    if image_ids is not None and len(set(map(str, image_ids))) != len(image_ids):
+        raise ScorecamError("image ids must be unique.")
+    return batch, pictures, ids
+
+
+def _is_single_picture(inputs: Any) -> bool:
+    return isinstance(inputs, (str, Path, Image.Image, np.ndarray))
+
+
+def _unique_ids(ids: list[str]) -> list[str]:
+    """Make repeated ids unique by suffixing ``#2``, ``#3``..."""
+    seen: dict[str, int] = {}
+    unique = []
+    for raw in map(str, ids):
+        seen[raw] = seen.get(raw, 0) + 1
+        unique.append(raw if seen[raw] == 1 else f"{raw}#{seen[raw]}")
+    return unique
+
+
+def _min_max_pictures(batch: np.ndarray) -> np.ndarray:
+    """A viewable uint8 (N, H, W, 3) picture of inputs whose normalisation is unknown."""
+    low = batch.min(axis=(1, 2, 3), keepdims=True)
+    high = batch.max(axis=(1, 2, 3), keepdims=True)
+    scaled = (batch - low) / np.where(high > low, high - low, 1.0)
+    return np.round(np.moveaxis(scaled, 1, -1) * 255).astype(np.uint8)
+
+
+def _capture_in_chunks(
+    module: nn.Module, inputs: torch.Tensor, layers: list[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    pieces = [capture(module, chunk, layers) for chunk in inputs.split(_IMAGE_CHUNK)]
+    activations = {name: torch.cat([piece.activations[name] for piece in pieces]) for name in layers}
+    return activations, torch.cat([piece.logits for piece in pieces])
+
+
+@contextmanager
+def _model_on(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move the model to ``device`` for the computation and back to where it was afterwards."""
+    parameter = next(module.parameters(), None)
+    original = parameter.device if parameter is not None else device
+    if original != device:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if original != device:
+            module.to(original)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ch", desc="Score-CAM", disable=not enabled, leave=False)

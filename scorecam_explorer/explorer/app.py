@@ -1,0 +1,182 @@
+"""The :class:`Explorer`: every panel over one cache, laid out for a notebook column.
+
+::
+
+    from scorecam_explorer import Explorer, load_model
+    Explorer.from_model(load_model(), "sample:chelsea", layers=["blocks.15", "head"])
+    Explorer.from_cache_file("chelsea.zarr")          # no torch needed
+
+Interacting reads only the cache (no forward pass, no torch). A model, when attached, is
+used for two things only: computing a layer that is not cached, and Grad-CAM / Grad-CAM++
+in Compare.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ipywidgets as widgets
+import xarray as xr
+
+from scorecam_explorer.explorer.channels_panel import ChannelsPanel
+from scorecam_explorer.explorer.compare_panel import ComparePanel
+from scorecam_explorer.explorer.controls import Controls
+from scorecam_explorer.explorer.map_panel import MapPanel
+from scorecam_explorer.explorer.model_link import ModelLink, ModelSource
+from scorecam_explorer.explorer.recomposer_panel import RecomposerPanel
+from scorecam_explorer.explorer.state import ExplorerState
+
+WIDTH = "920px"
+
+
+def _heading(text: str, help_text: str = "") -> widgets.HTML:
+    helper = f"<span style='font-weight:normal;color:#666;font-size:12px'> — {html.escape(help_text)}</span>" if help_text else ""
+    return widgets.HTML(
+        f"<div style='font-size:15px;font-weight:600;margin:14px 0 4px 0;border-bottom:1px solid #ddd;"
+        f"padding-bottom:3px'>{html.escape(text)}{helper}</div>"
+    )
+
+
+class Explorer:
+    """Score-CAM, channel by channel, live: map, layer scrubber, channel inspector,
+    recomposer and compare panels over a cache.
+
+    Args:
+        cache: a cache from ``compute_cache`` or ``load_cache`` (``docs/cache.md``).
+        model: optional; a LoadedModel, an ``nn.Module``, or a function returning a
+            LoadedModel (loaded on first use). Enables computing layers that are not cached
+            and Grad-CAM / Grad-CAM++ in Compare. Its weights must be the cache's.
+        layer: the layer to show first (default: the deepest cached layer).
+        target: class index or name to show first (default: the top-1 class).
+        preset: ``paper``, ``official``, ``pytorch-grad-cam`` or ``torchcam``.
+        image: index of the picture to show first.
+
+    An unknown ``layer`` or ``target`` does not raise: the explorer opens on the default
+    and says why. Display it by leaving it as the last expression of a cell.
+    """
+
+    def __init__(
+        self,
+        cache: xr.DataTree,
+        *,
+        model: ModelSource = None,
+        layer: str | None = None,
+        target: int | str | None = None,
+        preset: str = "paper",
+        image: int = 0,
+    ) -> None:
+        self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image)
+        self.model = ModelLink(model, cache.attrs.get("weights_fingerprint"))
+        self.state.warm_up()
+        self.controls = Controls(self.state, self.model)
+        self.map = MapPanel(self.state)
+        self.recomposer = RecomposerPanel(self.state)
+        self.channels = ChannelsPanel(self.state)
+        self.compare = ComparePanel(self.state, self.model)
+        self.widget = self._layout()
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_cache_file(cls, path: str | os.PathLike[str], **options: Any) -> Explorer:
+        """Open a cache saved with ``save_cache`` (no torch needed) and explore it."""
+        from scorecam_explorer.cache import load_cache
+
+        return cls(load_cache(path), **options)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        image: Any,
+        layers: str | Sequence[str] | None = None,
+        *,
+        convention: str = "paper",
+        progress: bool = True,
+        batch_size: int | None = None,
+        precision: str = "float32",
+        **options: Any,
+    ) -> Explorer:
+        """Compute the cache for ``image`` (a path, ``"sample:NAME"``, PIL image or array, or
+        a list of them) at ``layers`` (default: the model's default layer), with a progress
+        bar, and explore it with the model attached.
+
+        ``model``: a LoadedModel, an ``nn.Module``, or a model name for ``load_model``.
+        ``options`` go to :class:`Explorer` (layer, target, preset, image).
+        """
+        from scorecam_explorer.engine import compute_cache
+        from scorecam_explorer.models import as_loaded_model, load_model
+
+        loaded = load_model(model) if isinstance(model, str) else as_loaded_model(model)
+        cache = compute_cache(
+            loaded, image, layers, convention=convention, progress=progress, batch_size=batch_size, precision=precision
+        )
+        return cls(cache, model=loaded, **options)
+
+    # ---- layout -------------------------------------------------------------------------
+
+    def _layout(self) -> widgets.VBox:
+        cache = self.state.cache
+        title = widgets.HTML(
+            "<div style='font-size:19px;font-weight:600'>Score-CAM explorer</div>"
+            f"<div style='font-size:12px;color:#666'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
+            f"{html.escape(', '.join(self.state.image_ids))} · masks: "
+            f"{html.escape(self._convention_name())} · every map below is recomposed from the cache, "
+            "no forward pass</div>"
+        )
+        return widgets.VBox(
+            [
+                title,
+                self.controls.widget,
+                widgets.HBox(
+                    [
+                        widgets.VBox([_heading("Map", "the map over the photo"), self.map.widget]),
+                        widgets.VBox([_heading("Recompose", "keep the k heaviest channels"), self.recomposer.widget]),
+                    ]
+                ),
+                _heading("Channels", "every channel's weight; click one to inspect it"),
+                self.channels.widget,
+                _heading("Compare", "two maps and their difference"),
+                self.compare.widget,
+            ],
+            layout=widgets.Layout(width=WIDTH, padding="4px"),
+        )
+
+    def _convention_name(self) -> str:
+        import json
+
+        try:
+            return str(json.loads(self.state.cache.attrs.get("mask_convention", "{}")).get("name", "?"))
+        except ValueError:
+            return "?"
+
+    # ---- use ----------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> xr.DataTree:
+        """The cache being explored (with any layers computed from the panel)."""
+        return self.state.cache
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> os.PathLike[str]:
+        """Save the cache (with any layers computed here) as a Zarr store, atomically."""
+        from scorecam_explorer.cache import save_cache
+
+        return save_cache(self.state.cache, path, overwrite=overwrite)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def __repr__(self) -> str:
+        s = self.state.selection
+        return (
+            f"<Explorer {self.state.cache.attrs.get('model_name', '')}: layer {s.layer!r}, "
+            f"class {self.state.class_names[s.target]!r}, preset {s.preset!r}>"
+        )

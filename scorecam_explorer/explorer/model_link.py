@@ -1,0 +1,183 @@
+"""The explorer's optional link to the model: computing layers that are not cached yet, and
+Grad-CAM / Grad-CAM++ for Compare.
+
+Everything that needs torch lives here and imports it only when called, so an explorer
+built from a saved cache never imports torch unless the user asks for one of these.
+The model may be given loaded, or as a function that loads it on first use (the web app
+does so, so that a page opens without waiting for torch). Before it is used, its weights
+fingerprint is checked against the cache's: a model with other weights would give scores
+that do not belong with the cached ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import xarray as xr
+
+from scorecam_explorer.errors import CacheError, ScorecamError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from scorecam_explorer.models import LoadedModel
+
+ModelSource = Union["LoadedModel", "nn.Module", Callable[[], "LoadedModel"], None]
+
+BASELINE_METHODS: dict[str, str] = {"gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++"}
+"""Gradient methods Compare offers when a model is present: function name -> label."""
+
+
+def merge_layers(cache: xr.DataTree, extra: xr.DataTree, order: Sequence[str] | None = None) -> xr.DataTree:
+    """``cache`` with the layer nodes of ``extra`` added (a new tree; neither is modified).
+
+    Both must come from the same model, weights, mask convention and pictures (checked:
+    fingerprint, convention, image ids and unmasked logits). ``order`` lists layer names
+    shallow to deep (default: the cache's layers, then the new ones). The root attributes
+    ``layers``, ``forward_passes`` and ``seconds`` are updated.
+    """
+    from scorecam_explorer.cache import cache_layers, validate_cache
+
+    for attribute in ("weights_fingerprint", "mask_convention"):
+        if cache.attrs.get(attribute) != extra.attrs.get(attribute):
+            raise CacheError(f"cannot merge caches with different {attribute}: {cache.attrs.get(attribute)} vs {extra.attrs.get(attribute)}.")
+    if list(cache["image"].values) != list(extra["image"].values):
+        raise CacheError("cannot merge caches of different images.")
+    if not np.allclose(cache["logits"].values, extra["logits"].values, rtol=1e-4, atol=1e-4):
+        raise CacheError("cannot merge: the model's unmasked outputs differ between the two caches.")
+    existing = cache_layers(cache)
+    added = [name for name in cache_layers(extra) if name not in existing]
+    names = existing + added
+    if order is not None:
+        rank = {name: index for index, name in enumerate(order)}
+        names = sorted(names, key=lambda name: rank.get(name, len(rank)))
+    root = cache.to_dataset(inherit=False).copy()
+    root.attrs = dict(cache.attrs)
+    root.attrs["layers"] = json.dumps(names)
+    root.attrs["forward_passes"] = int(cache.attrs.get("forward_passes", 0)) + int(extra.attrs.get("forward_passes", 0))
+    root.attrs["seconds"] = float(cache.attrs.get("seconds", 0.0)) + float(extra.attrs.get("seconds", 0.0))
+    nodes: dict[str, xr.Dataset] = {"/": root}
+    for name in names:
+        source = cache if name in existing else extra
+        nodes[f"/{name}"] = source[name].to_dataset(inherit=False)
+    return validate_cache(xr.DataTree.from_dict(nodes), check_values=False)
+
+
+def compute_layers(
+    cache: xr.DataTree, model: LoadedModel, layers: Sequence[str], *, progress: bool = True
+) -> xr.DataTree:
+    """``cache`` plus the Score-CAM passes of ``layers`` for its pictures (same convention).
+
+    The model's input is the cache's ``input`` (so the pictures are exactly the same), the
+    class names and image ids are the cache's.
+    """
+    import torch
+
+    from scorecam_explorer.cache import cache_convention
+    from scorecam_explorer.engine import compute_cache
+
+    inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].transpose("image", "c", "h", "w").values))
+    extra = compute_cache(
+        model,
+        inputs,
+        list(layers),
+        convention=cache_convention(cache),
+        progress=progress,
+        class_names=[str(name) for name in cache["class_name"].values],
+        image_ids=[str(name) for name in cache["image"].values],
+    )
+    return merge_layers(cache, extra, order=model.layer_names(listed_only=False))
+
+
+def gradient_map(
+    method: str, model: LoadedModel, cache: xr.DataTree, layer: str, target: int, image: int = 0
+) -> xr.DataArray:
+    """Grad-CAM (``"gradcam"``) or Grad-CAM++ (``"gradcam_pp"``) of the cached input: (y, x) in [0, 1]."""
+    if method not in BASELINE_METHODS:
+        raise ScorecamError(f"unknown method {method!r}; choose one of {', '.join(BASELINE_METHODS)}.")
+    import torch
+
+    from scorecam_explorer import baselines
+
+    inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].isel(image=[image]).transpose("image", "c", "h", "w").values))
+    maps = getattr(baselines, method)(model, inputs, layer, int(target))
+    result = maps.isel(image=0)
+    result.attrs.update({"layer": layer, "method": BASELINE_METHODS[method]})
+    return result
+
+
+class ModelLink:
+    """The model behind a cache, loaded on first use and checked against the cache.
+
+    Args:
+        source: a LoadedModel, an ``nn.Module``, a function returning a LoadedModel, or
+            None (no model: nothing that needs one is offered).
+        fingerprint: the cache's ``weights_fingerprint``; a model whose weights differ is
+            refused with a CacheError.
+    """
+
+    def __init__(self, source: ModelSource, fingerprint: str | None) -> None:
+        self._source = source
+        self._fingerprint = fingerprint
+        self._model: LoadedModel | None = None
+        self._failure: str | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether a model was given (it may still fail to load or not match)."""
+        return self._source is not None and self._failure is None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the model cannot be used, once loading or checking it failed."""
+        return self._failure
+
+    def get(self) -> LoadedModel:
+        """The model, loading and checking it on first call (ScorecamError when unusable)."""
+        if self._model is not None:
+            return self._model
+        if self._failure is not None:
+            raise ScorecamError(self._failure)
+        if self._source is None:
+            raise ScorecamError("no model is attached to this explorer; pass model= to use one.")
+        try:
+            model = self._load()
+            if self._fingerprint and model.fingerprint() != self._fingerprint:
+                raise CacheError(
+                    f"the model's weights (fingerprint {model.fingerprint()}) are not the ones the cache was "
+                    f"made with ({self._fingerprint}); layers cannot be added to it."
+                )
+        except ScorecamError as error:
+            self._failure = str(error)
+            raise
+        self._model = model
+        return model
+
+    def _load(self) -> LoadedModel:
+        from torch import nn
+
+        from scorecam_explorer.models import LoadedModel, from_module
+
+        source: Any = self._source
+        if isinstance(source, LoadedModel):
+            return source
+        if isinstance(source, nn.Module):
+            return from_module(source)
+        if callable(source):
+            model = source()
+            return model if isinstance(model, LoadedModel) else from_module(model)
+        raise ScorecamError(f"model must be a LoadedModel, an nn.Module or a function, not {type(source).__name__}.")
+
+    def uncached_layers(self, cache: xr.DataTree) -> list[str]:
+        """Targetable layers of the model that the cache does not hold, shallow to deep."""
+        from scorecam_explorer.compose import cached_layers
+
+        cached = set(cached_layers(cache))
+        return [name for name in self.get().layer_names() if name not in cached]

@@ -1,0 +1,97 @@
+"""Panel 4, the recomposer: the map from the k heaviest channels, channels switched off and
+on, and the fidelity curve (Pearson r of the top-k map with the full map against k).
+
+This is what Faster Score-CAM trades away: it scores only a few channels; the curve shows
+how much of the map those few already make.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as widgets
+
+from scorecam_explorer.explorer.panel import LiveFigure, Panel
+from scorecam_explorer.explorer.state import ExplorerState, Selection
+from scorecam_explorer.figures import fidelity_spec
+
+
+def parse_channels(text: str) -> frozenset[int]:
+    """Channel ids from text such as ``"3, 17 40"``; ValueError names the bad part."""
+    ids = set()
+    for part in text.replace(",", " ").split():
+        if not part.lstrip("-").isdigit():
+            raise ValueError(f"{part!r} is not a channel number")
+        ids.add(int(part))
+    return frozenset(ids)
+
+
+class RecomposerPanel(Panel):
+    """Top-k slider, switched-off channels (typed or clicked in the channel chart), reset, curve."""
+
+    fields = frozenset({"image", "layer", "target", "preset", "top_k", "switched_off"})
+
+    def __init__(self, state: ExplorerState) -> None:
+        super().__init__(state)
+        selection = state.selection
+        total = state.channel_count()
+        self.top_k = widgets.IntSlider(
+            description="Top k", min=1, max=total, value=total, continuous_update=True,
+            layout=widgets.Layout(width="430px"),
+        )
+        self.switched_off = widgets.Text(
+            description="Off", placeholder="channel numbers, e.g. 12, 40", continuous_update=False,
+            layout=widgets.Layout(width="330px"),
+        )
+        self.reset = widgets.Button(description="Reset", icon="undo", tooltip="switch every channel back on, keep all",
+                                    layout=widgets.Layout(width="90px"))
+        self.summary = widgets.HTML()
+        self.figure = LiveFigure(self._spec(selection))
+        self.top_k.observe(lambda change: self.apply(top_k=int(change["new"])), names="value")
+        self.switched_off.observe(self._on_text, names="value")
+        self.reset.on_click(lambda _button: self.apply(top_k=None, switched_off=frozenset()))
+        self._widget = widgets.VBox(
+            [self.top_k, widgets.HBox([self.switched_off, self.reset]), self.summary, self.figure.widget, self.message],
+            layout=widgets.Layout(width="450px"),
+        )
+        self._sync(selection)
+
+    @property
+    def widget(self) -> widgets.Widget:
+        return self._widget
+
+    def _spec(self, selection: Selection) -> dict:
+        curve = self.state.fidelity(selection)
+        kept = int(self.state.kept(selection).sum())
+        return fidelity_spec(
+            curve,
+            current_k=kept,
+            current_r=self.state.current_fidelity(selection),
+            subtitle=f"{selection.layer} · {self.state.class_names[selection.target]} · {selection.preset}",
+        )
+
+    def _sync(self, selection: Selection) -> None:
+        total = self.state.channel_count(selection.layer)
+        switched_on = total - len(selection.switched_off)
+        kept = int(self.state.kept(selection).sum())
+        with self.syncing():
+            self.top_k.max = total
+            self.top_k.value = total if selection.top_k is None else selection.top_k
+            self.switched_off.value = ", ".join(map(str, sorted(selection.switched_off)))
+        r = self.state.current_fidelity(selection)
+        off = f", {len(selection.switched_off)} switched off" if selection.switched_off else ""
+        self.summary.value = (
+            f"<div style='font-size:13px'>Map from the <b>{kept}</b> heaviest of {switched_on} channels"
+            f"{off} · r with the full map = <b>{r:.3f}</b></div>"
+        )
+
+    def _on_text(self, change: dict) -> None:
+        try:
+            channels = parse_channels(str(change["new"]))
+        except ValueError as error:
+            self.show_error(f"{error}; type channel numbers separated by commas.")
+            return
+        self.apply(switched_off=channels)
+
+    def _refresh(self, changed: frozenset[str]) -> None:
+        selection = self.state.selection
+        self._sync(selection)
+        self.figure.show(self._spec(selection))

@@ -1,0 +1,409 @@
+"""The explorer's state: what is selected, and the arrays compose makes of it.
+
+A :class:`Selection` is an immutable record of every choice a user makes (image, layer,
+class, preset, top k, channels switched off, the inspected channel, ...).
+:class:`ExplorerState` holds the current one, checks changes, tells the panels which fields
+changed (once per change, whatever the number of fields), and asks
+:mod:`scorecam_explorer.compose` and :mod:`scorecam_explorer.explorer.analysis` for the
+arrays the panels draw, remembering recent results so that moving back and forth costs
+nothing. No torch: everything here is array work on the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from scorecam_explorer.colormaps import COLORMAPS
+from scorecam_explorer.compose import (
+    cached_layers,
+    channel_contributions,
+    channel_weights,
+    resolve_targets,
+    scorecam,
+)
+from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
+from scorecam_explorer.explorer import analysis
+from scorecam_explorer.figures.channels import SORT_KEYS, channel_order
+from scorecam_explorer.presets import PRESETS
+
+Listener = Callable[[frozenset[str]], None]
+
+GALLERY_SIZE = 8
+"""Channels shown in the gallery of contributions."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every choice a user makes in the explorer.
+
+    ``top_k`` None means every channel that is switched on; ``channel`` is the channel in
+    the inspector.
+    """
+
+    image: int = 0
+    layer: str = ""
+    target: int = 0
+    preset: str = "paper"
+    top_k: int | None = None
+    switched_off: frozenset[int] = field(default_factory=frozenset)
+    channel: int = 0
+    sort_by: str = "weight"
+    colormap: str = "jet"
+    opacity: float = 0.5
+
+
+def kept_channels(weights: np.ndarray, switched_off: Iterable[int], top_k: int | None) -> np.ndarray:
+    """Which channels the current map uses: switched on and among the ``top_k`` heaviest.
+
+    Same rule as ``compose.scorecam(channels=..., top_k=...)``: rank by weight among the
+    channels switched on, ties to the lower channel id. Boolean (channel).
+    """
+    on = np.ones(len(weights), dtype=bool)
+    on[list(switched_off)] = False
+    if top_k is None:
+        return on
+    order = np.argsort(np.where(on, -weights, np.inf), kind="stable")[: int(top_k)]
+    kept = np.zeros_like(on)
+    kept[order] = True
+    return kept & on
+
+
+class ExplorerState:
+    """The current :class:`Selection` over a cache, the listeners, and memoised arrays.
+
+    Args:
+        cache: a Score-CAM cache (``docs/cache.md``).
+        layer, target, preset, image: the first selection. An unknown layer or class does
+            not raise: the state starts on the deepest cached layer / the top-1 class and
+            :attr:`notice` says why.
+    """
+
+    def __init__(
+        self,
+        cache: xr.DataTree,
+        *,
+        layer: str | None = None,
+        target: int | str | None = None,
+        preset: str = "paper",
+        image: int = 0,
+    ) -> None:
+        self._cache = cache
+        self._listeners: list[Listener] = []
+        self._memo: OrderedDict[Hashable, Any] = OrderedDict()
+        self.notice = ""
+        layers = cached_layers(cache)
+        notices = []
+        if layer is not None and layer not in layers:
+            notices.append(
+                f"Layer {layer!r} is not in this cache (it holds {', '.join(layers)}).{did_you_mean(layer, layers)} "
+                f"Showing {layers[-1]!r}."
+            )
+            layer = None
+        start = Selection(image=int(image), layer=layer or layers[-1], preset=preset)
+        start = self._checked(start)
+        try:
+            index = int(resolve_targets(cache, target, start.image)[0])
+        except ScorecamError as error:
+            notices.append(f"{error} Showing the top-1 class.")
+            index = int(resolve_targets(cache, None, start.image)[0])
+        self._selection = dataclasses.replace(start, target=index)
+        self._selection = dataclasses.replace(self._selection, channel=self._heaviest_channel(self._selection))
+        self.notice = " ".join(notices)
+
+    # ---- the selection ------------------------------------------------------------------
+
+    @property
+    def cache(self) -> xr.DataTree:
+        """The cache the panels read."""
+        return self._cache
+
+    @property
+    def selection(self) -> Selection:
+        """The current selection (immutable; change it with :meth:`update`)."""
+        return self._selection
+
+    @property
+    def layers(self) -> list[str]:
+        """The cached layers, shallow to deep."""
+        return cached_layers(self._cache)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names, by class index."""
+        return self._remember(("class_names",), lambda: [str(name) for name in self._cache["class_name"].values])
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The ids of the cached pictures, by image index."""
+        return self._remember(("image_ids",), lambda: [str(name) for name in self._cache["image"].values])
+
+    def channel_count(self, layer: str | None = None) -> int:
+        """Channels of ``layer`` (default: the selected one)."""
+        name = layer or self._selection.layer
+        return self._remember(("channels", name), lambda: int(self._cache[name].sizes["channel"]))
+
+    def observe(self, listener: Listener) -> None:
+        """Call ``listener(changed_fields)`` after every change of the selection or cache."""
+        self._listeners.append(listener)
+
+    def update(self, **changes: Any) -> frozenset[str]:
+        """Change fields of the selection; returns the names of the fields that changed.
+
+        Values are checked first (ScorecamError saying what is wrong; nothing changes then).
+        ``target`` may be a class index or name. A new layer resets the channels switched
+        off, the top k and the inspected channel (channel ids differ between layers).
+        Listeners are told once, with every field that changed.
+        """
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Selection)}
+        if unknown:
+            raise ScorecamError(f"unknown selection field(s): {', '.join(sorted(unknown))}.")
+        current = self._selection
+        if "target" in changes:
+            changes["target"] = int(resolve_targets(self._cache, changes["target"], changes.get("image", current.image))[0])
+        if "switched_off" in changes:
+            changes["switched_off"] = frozenset(int(k) for k in changes["switched_off"])
+        proposed = dataclasses.replace(current, **changes)
+        if proposed.layer != current.layer:
+            self._check_layer(proposed.layer)
+            proposed = dataclasses.replace(proposed, switched_off=frozenset(), top_k=None)
+            proposed = dataclasses.replace(proposed, channel=self._heaviest_channel(proposed))
+        proposed = self._checked(proposed)
+        changed = frozenset(
+            f.name for f in dataclasses.fields(Selection) if getattr(proposed, f.name) != getattr(current, f.name)
+        )
+        if changed:
+            self._selection = proposed
+            self._notify(changed)
+        return changed
+
+    def replace_cache(self, cache: xr.DataTree, *, layer: str | None = None) -> None:
+        """Swap in a cache with more layers (same pictures and model); optionally select ``layer``."""
+        self._cache = cache
+        self._memo.clear()
+        if layer is not None and layer != self._selection.layer:
+            self._selection = dataclasses.replace(self._selection, layer=layer)
+            self._selection = dataclasses.replace(
+                self._selection,
+                switched_off=frozenset(),
+                top_k=None,
+                channel=self._heaviest_channel(self._selection),
+            )
+        self._notify(frozenset({"cache", "layer", "switched_off", "top_k", "channel"}))
+
+    def _notify(self, changed: frozenset[str]) -> None:
+        for listener in list(self._listeners):
+            listener(changed)
+
+    def _check_layer(self, layer: str) -> None:
+        layers = cached_layers(self._cache)
+        if layer not in layers:
+            raise UnknownLayerError(
+                f"layer {layer!r} is not in this cache; it holds: {', '.join(layers)}.{did_you_mean(str(layer), layers)}"
+            )
+
+    def _checked(self, selection: Selection) -> Selection:
+        """``selection`` if every field is valid (top k of all channels becomes None)."""
+        self._check_layer(selection.layer)
+        n_images = self._cache.dataset.sizes["image"]
+        if not 0 <= selection.image < n_images:
+            raise ScorecamError(f"image {selection.image} is out of range: the cache holds {n_images} image(s).")
+        if selection.preset not in PRESETS:
+            raise ScorecamError(
+                f"unknown preset {selection.preset!r}; choose one of {', '.join(PRESETS)}."
+                f"{did_you_mean(selection.preset, PRESETS)}"
+            )
+        n_channels = self.channel_count(selection.layer)
+        if selection.top_k is not None:
+            if isinstance(selection.top_k, bool) or int(selection.top_k) < 1:
+                raise ScorecamError(f"top k must be a positive number of channels, not {selection.top_k!r}.")
+            top_k = int(selection.top_k)
+            selection = dataclasses.replace(selection, top_k=None if top_k >= n_channels else top_k)
+        bad = [k for k in selection.switched_off if not 0 <= k < n_channels]
+        if bad:
+            raise ScorecamError(f"channel(s) {', '.join(map(str, sorted(bad)))} do not exist: {selection.layer!r} has 0..{n_channels - 1}.")
+        if len(selection.switched_off) >= n_channels:
+            raise ScorecamError("every channel would be switched off: keep at least one (or press Reset).")
+        if not 0 <= int(selection.channel) < n_channels:
+            raise ScorecamError(f"channel {selection.channel} does not exist: {selection.layer!r} has channels 0..{n_channels - 1}.")
+        if selection.sort_by not in SORT_KEYS:
+            raise ScorecamError(f"sort by one of {', '.join(SORT_KEYS)}, not {selection.sort_by!r}.")
+        if selection.colormap not in COLORMAPS:
+            raise ScorecamError(f"unknown colour map {selection.colormap!r}; choose one of {', '.join(COLORMAPS)}.")
+        if not 0.0 <= float(selection.opacity) <= 1.0:
+            raise ScorecamError(f"opacity must lie in [0, 1], not {selection.opacity}.")
+        return selection
+
+    def _heaviest_channel(self, selection: Selection) -> int:
+        weights = channel_weights(
+            self._cache, selection.layer, selection.target, preset=selection.preset, image=selection.image
+        ).values
+        return int(np.argmax(weights))
+
+    # ---- arrays, memoised ---------------------------------------------------------------
+
+    def _remember(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        value = compute()
+        self._memo[key] = value
+        if len(self._memo) > 96:
+            self._memo.popitem(last=False)
+        return value
+
+    def contributions(self, selection: Selection | None = None) -> xr.Dataset:
+        """``compose.channel_contributions`` for the selected layer, class, preset and image."""
+        s = selection or self._selection
+        return self._remember(
+            ("contributions", s.layer, s.target, s.preset, s.image),
+            lambda: channel_contributions(self._cache, s.layer, s.target, preset=s.preset, image=s.image),
+        )
+
+    def full_map(self, selection: Selection | None = None) -> xr.DataArray:
+        """The Score-CAM map with every channel (dims y, x)."""
+        s = selection or self._selection
+        return self._remember(
+            ("full", s.layer, s.target, s.preset, s.image),
+            lambda: scorecam(self._cache, s.layer, s.target, preset=s.preset, image=s.image),
+        )
+
+    def current_map(self, selection: Selection | None = None) -> xr.DataArray:
+        """The map of the channels switched on, restricted to the top k (dims y, x)."""
+        s = selection or self._selection
+        if s.top_k is None and not s.switched_off:
+            return self.full_map(s)
+        return self._remember(
+            ("current", s.layer, s.target, s.preset, s.image, s.top_k, s.switched_off),
+            lambda: scorecam(
+                self._cache,
+                s.layer,
+                s.target,
+                preset=s.preset,
+                image=s.image,
+                channels=self._on_mask(s),
+                top_k=s.top_k,
+            ),
+        )
+
+    def _on_mask(self, s: Selection) -> np.ndarray:
+        on = np.ones(self.channel_count(s.layer), dtype=bool)
+        on[list(s.switched_off)] = False
+        return on
+
+    def kept(self, selection: Selection | None = None) -> np.ndarray:
+        """Boolean (channel): the channels the current map uses."""
+        s = selection or self._selection
+        return self._remember(
+            ("kept", s.layer, s.target, s.preset, s.image, s.top_k, s.switched_off),
+            lambda: kept_channels(self.contributions(s)["weight"].values, s.switched_off, s.top_k),
+        )
+
+    def fidelity(self, selection: Selection | None = None) -> xr.DataArray:
+        """:func:`analysis.fidelity_curve` for the selection's channels switched on."""
+        s = selection or self._selection
+        preset = PRESETS[s.preset]
+
+        def compute() -> xr.DataArray:
+            align = preset.align_corners
+            if align is None:
+                align = bool(analysis.mask_convention(self._cache).get("align_corners", False))
+            return analysis.fidelity_from_arrays(
+                self.contributions(s)["weight"].values,
+                self.activation(s),
+                self.full_map(s).values,
+                switched_off=s.switched_off,
+                relu_at=preset.relu_at,
+                align_corners=align,
+                attrs={"layer": s.layer, "preset": s.preset},
+            )
+
+        return self._remember(("fidelity", s.layer, s.target, s.preset, s.image, s.switched_off), compute)
+
+    def activation(self, selection: Selection | None = None) -> np.ndarray:
+        """A_k of the selected layer and picture: (channel, fy, fx) numpy."""
+        s = selection or self._selection
+        return self._remember(("activation", s.layer, s.image), lambda: analysis.activation(self._cache, s.layer, s.image).values)
+
+    def current_fidelity(self, selection: Selection | None = None) -> float:
+        """Pearson r of the current map with the full map."""
+        s = selection or self._selection
+        return self._remember(
+            ("r", s.layer, s.target, s.preset, s.image, s.top_k, s.switched_off),
+            lambda: analysis.pearson(self.current_map(s), self.full_map(s)),
+        )
+
+    def order(self, selection: Selection | None = None) -> np.ndarray:
+        """Channel ids in the channel chart's order."""
+        s = selection or self._selection
+        return channel_order(self.contributions(s), s.sort_by)
+
+    def gallery(self, selection: Selection | None = None) -> xr.DataArray:
+        """w_k A_k of the first channels in chart order: (rank, fy, fx) with channel, share."""
+        s = selection or self._selection
+
+        def compute() -> xr.DataArray:
+            contributions = self.contributions(s)
+            chosen = self.order(s)[:GALLERY_SIZE]
+            tiles = contributions["contribution"].isel(channel=chosen)
+            return xr.DataArray(
+                tiles.values,
+                dims=("rank", "fy", "fx"),
+                coords={
+                    "rank": np.arange(len(chosen)),
+                    "channel": ("rank", chosen),
+                    "share": ("rank", contributions["share"].values[chosen]),
+                },
+                name="contribution",
+            )
+
+        return self._remember(("gallery", s.layer, s.target, s.preset, s.image, s.sort_by), compute)
+
+    def channel_pictures(self, selection: Selection | None = None) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+        """The inspected channel's activation (fy, fx), mask (y, x) and masked picture (y, x, rgb)."""
+        s = selection or self._selection
+
+        def compute() -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+            mask = analysis.channel_mask(self._cache, s.layer, s.channel, s.image)
+            return (
+                analysis.activation(self._cache, s.layer, s.image).isel(channel=s.channel),
+                mask,
+                analysis.masked_picture(self._cache, mask, s.image),
+            )
+
+        return self._remember(("channel", s.layer, s.image, s.channel), compute)
+
+    def picture(self, selection: Selection | None = None) -> xr.DataArray:
+        """The selected picture, uint8 (y, x, rgb)."""
+        s = selection or self._selection
+        return self._remember(("picture", s.image), lambda: analysis.picture(self._cache, s.image))
+
+    def predictions(self, image: int | None = None, count: int = 10) -> xr.DataArray:
+        """The top ``count`` classes of the unmasked input with their probabilities."""
+        index = self._selection.image if image is None else image
+        return self._remember(("predictions", index, count), lambda: analysis.top_predictions(self._cache, index, count))
+
+    def probability(self, target: int, image: int | None = None) -> float:
+        """p(class ``target``) on the unmasked input."""
+        index = self._selection.image if image is None else image
+        probabilities = self._remember(("probabilities", index), lambda: analysis.class_probabilities(self._cache, index))
+        return float(probabilities[int(target)])
+
+    def map_for(self, **changes: Any) -> xr.DataArray:
+        """The full map of the current selection with some fields changed (for Compare)."""
+        s = self._selection
+        if "target" in changes:
+            changes["target"] = int(resolve_targets(self._cache, changes["target"], s.image)[0])
+        return self.full_map(dataclasses.replace(s, **changes))
+
+    def warm_up(self) -> None:
+        """Read every layer's arrays once so that the first visit to a layer is fast."""
+        s = self._selection
+        for layer in self.layers:
+            self.contributions(dataclasses.replace(s, layer=layer))

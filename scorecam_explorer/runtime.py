@@ -1,0 +1,390 @@
+"""Where and how the masked forward passes run: device, allocator, precision, batch size.
+
+None of these choices changes which numbers are computed (except ``precision="bfloat16"``,
+which is opt-in and recorded in the cache); they only change how fast.
+
+Allocator: with glibc's default malloc, the large activation buffers of a batched forward
+pass are returned to the operating system after every batch and fetched back as page faults.
+:func:`tune_allocator` raises glibc's mmap and trim thresholds in-process (``mallopt``), so
+freed buffers are reused instead. It never changes a result.
+
+Batch size and threads: on a CPU a bigger batch is not always faster (EfficientNet-Lite0's
+depthwise convolutions were slower at 64 than at 16 on a 2-core machine), and on a busy
+machine one thread can beat several. So :class:`Planner` measures: the first masked batches
+of a run use each candidate plan in turn (they are real work, not thrown away), then the
+fastest per-image plan is used for the rest and remembered for the process, keyed by model,
+layer, input shape, device and precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import os
+import platform
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import fx, nn
+
+from scorecam_explorer.errors import ScorecamError
+
+PRECISIONS = ("float32", "bfloat16")
+
+# glibc mallopt parameters (malloc.h) and the values that keep freed buffers in the process.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+ALLOCATOR_SETTINGS: dict[str, tuple[int, int]] = {
+    "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, 2**30),
+    "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2**31 - 1),
+    "M_TOP_PAD": (_M_TOP_PAD, 2**28),
+}
+_allocator_tuned = False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, then Apple MPS, then CPU; otherwise the device named."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ScorecamError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ScorecamError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ScorecamError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present.")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ScorecamError(f"device {device!r} requested but MPS is not available; use 'cpu' or 'auto'.")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ScorecamError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'.")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a clear error."""
+    if precision not in PRECISIONS:
+        raise ScorecamError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (glibc only): True if the settings are in effect.
+
+    Sets M_MMAP_THRESHOLD = 2**30, M_TRIM_THRESHOLD = 2**31 - 1 and M_TOP_PAD = 2**28 via
+    ``mallopt``. It is a process-wide setting, applied once; the process's resident memory
+    then stays near its peak instead of shrinking between batches. Elsewhere (macOS,
+    Windows, musl) it does nothing and returns False.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _allocator_tuned = all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.values())
+    return _allocator_tuned
+
+
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_allocator` has taken effect in this process."""
+    return _allocator_tuned
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """bfloat16 autocast for ``precision="bfloat16"``, nothing for float32."""
+    if precision == "bfloat16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        with nullcontext():
+            yield
+
+
+def uses_channels_last(device: torch.device) -> bool:
+    """Whether masked passes feed channels-last inputs (faster convolutions on CPU and CUDA)."""
+    return device.type in ("cpu", "cuda")
+
+
+class Plan(NamedTuple):
+    """How masked batches run: images per forward pass and CPU threads (None: as set)."""
+
+    batch_size: int
+    threads: int | None = None
+
+
+def candidate_plans(device: torch.device, batch_size: int | None = None) -> list[Plan]:
+    """Plans to try, the most likely best first.
+
+    On a CPU: batch sizes 16, 8, 32 (or the user's) with torch's thread count, and the
+    first size on a single thread too: on a busy machine, OpenMP threads that wait for a
+    core made Lite0 forwards several times slower than one thread.
+    """
+    if batch_size is not None and int(batch_size) < 1:
+        raise ScorecamError(f"batch size must be a positive integer, not {batch_size}.")
+    if device.type == "cpu":
+        sizes = [int(batch_size)] if batch_size is not None else [16, 8, 32]
+        threads = torch.get_num_threads()
+        plans = [Plan(size, threads) for size in sizes]
+        if threads > 1:
+            plans.append(Plan(sizes[0], 1))
+        return plans
+    sizes = [int(batch_size)] if batch_size is not None else ([64, 128, 32, 256] if device.type == "cuda" else [32, 64, 16])
+    return [Plan(size) for size in sizes]
+
+
+@dataclass
+class _Timing:
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def per_image(self) -> float:
+        return self.seconds / self.images if self.images else float("inf")
+
+
+_CHOSEN_PLANS: dict[tuple, Plan] = {}
+
+
+@dataclass
+class Planner:
+    """Chooses the plan of masked passes by timing real batches (see the module doc).
+
+    With one candidate there is nothing to measure. Otherwise the first batches cycle
+    through the candidates ``rounds`` times (the very first batch only warms up and is not
+    timed); afterwards :meth:`next_plan` returns the plan with the lowest time per image,
+    remembered for the process under ``key``.
+    """
+
+    key: tuple
+    candidates: Sequence[Plan]
+    rounds: int = 2
+    _timings: dict[Plan, _Timing] = field(default_factory=dict)
+    _schedule: list[Plan] = field(default_factory=list)
+    _warmed: bool = False
+
+    def __post_init__(self) -> None:
+        self.candidates = list(self.candidates)
+        if len(self.candidates) == 1:
+            _CHOSEN_PLANS[self.key] = self.candidates[0]
+        elif self.key not in _CHOSEN_PLANS:
+            self._schedule = [self.candidates[0]] + [plan for _ in range(self.rounds) for plan in self.candidates]
+
+    @property
+    def chosen(self) -> Plan | None:
+        """The plan in use once measuring is over (None while still measuring)."""
+        return _CHOSEN_PLANS.get(self.key)
+
+    def next_plan(self) -> Plan:
+        """The plan of the next batch."""
+        if self.chosen is not None:
+            return self.chosen
+        if self._schedule:
+            return self._schedule[0]
+        best = min(self._timings, key=lambda plan: self._timings[plan].per_image)
+        _CHOSEN_PLANS[self.key] = best
+        return best
+
+    def record(self, plan: Plan, seconds: float, images: int) -> None:
+        """Report how long a batch of ``images`` masked inputs run with ``plan`` took."""
+        if self.chosen is not None or not self._schedule:
+            return
+        self._schedule.pop(0)
+        if not self._warmed:
+            self._warmed = True  # the very first pass pays one-off costs (allocation, kernel choice)
+            return
+        if images == plan.batch_size:  # a short last batch says little about its size
+            timing = self._timings.setdefault(plan, _Timing())
+            timing.seconds += seconds
+            timing.images += images
+        if not self._schedule and not self._timings:
+            self._schedule = list(self.candidates)
+
+    def shrink_after_out_of_memory(self, plan: Plan) -> Plan:
+        """Halve the batch size after the device ran out of memory; returns the new plan."""
+        if plan.batch_size == 1:
+            raise ScorecamError("the device ran out of memory even at batch size 1; use a smaller model or the CPU.")
+        smaller = plan._replace(batch_size=max(1, plan.batch_size // 2))
+        _CHOSEN_PLANS[self.key] = smaller
+        self._schedule = []
+        return smaller
+
+
+def forget_plans() -> None:
+    """Drop the remembered plans (e.g. after the machine's load changed)."""
+    _CHOSEN_PLANS.clear()
+
+
+@contextmanager
+def threads_restored() -> Iterator[None]:
+    """Restore torch's CPU thread count on exit (plans may change it)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def apply_plan(plan: Plan) -> None:
+    """Set the thread count a plan asks for."""
+    if plan.threads is not None and torch.get_num_threads() != plan.threads:
+        torch.set_num_threads(plan.threads)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any submodule carries forward hooks or pre-hooks (someone observes the model)."""
+    return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = weakref.WeakKeyDictionary()
+
+
+def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
+    """A copy of ``module`` with every BatchNorm2d folded into the convolution before it.
+
+    In eval mode BN(conv(x)) = conv'(x) with W' = W * g / sqrt(v + eps) and
+    b' = (b - m) * g / sqrt(v + eps) + beta, so the copy computes the same function with
+    one pass over each activation less. Likewise a "same padding" convolution that pads
+    symmetrically in a separate module (the EfficientNet ports) becomes one ``nn.Conv2d``
+    with that padding. Float32 results differ by rounding only (relative 1e-6); callers
+    check the copy against the model's own output before using it. Returns None when the
+    model has no BatchNorm2d after a convolution or cannot be traced by ``torch.fx``.
+    ``key`` (weights fingerprint, device) decides when a remembered copy is reused.
+    """
+    remembered = _FOLDED.get(module)
+    if remembered is not None and (remembered[0] == key or remembered[0] is None):
+        return remembered[1]
+    if not any(isinstance(sub, nn.BatchNorm2d) for sub in module.modules()):
+        return None
+    try:
+        folded = _fold(module)
+    except Exception:  # noqa: BLE001 - any model fx cannot trace simply runs unfolded
+        return None
+    if folded is not None:
+        _FOLDED[module] = (key, folded)
+    return folded
+
+
+def reject_folded(module: nn.Module) -> None:
+    """Remember that ``module``'s folded copy did not reproduce it: never fold it again."""
+    _FOLDED[module] = (None, None)
+
+
+class _ConvLeafTracer(fx.Tracer):
+    """Keeps every Conv2d (also subclasses with their own forward) as one call in the graph."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+
+
+def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """(pad_h, pad_w) of a "same padding" convolution whose ``static_padding`` child pads
+    both sides equally (the EfficientNet ports' ``Conv2dStaticSamePadding``), else None."""
+    padding = getattr(conv, "static_padding", None)
+    if type(conv) is nn.Conv2d or padding is None or conv.padding_mode != "zeros" or tuple(conv.padding) != (0, 0):
+        return None
+    if isinstance(padding, nn.ZeroPad2d):
+        left, right, top, bottom = padding.padding
+        return (top, left) if (left == right and top == bottom) else None
+    if type(padding).__name__ == "Identity" and not list(padding.parameters()):
+        return (0, 0)
+    return None
+
+
+def _as_plain_conv(conv: nn.Conv2d, padding: tuple[int, int]) -> nn.Conv2d:
+    """An ``nn.Conv2d`` doing ``conv`` with its zero padding done inside the convolution
+    (saves the separate padding pass over the activation)."""
+    plain = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=tuple(conv.stride), padding=padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)
+    return plain.eval()
+
+
+def _fold(module: nn.Module) -> nn.Module | None:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    copy_ = copy.deepcopy(module).eval()
+    for name, sub in list(copy_.named_modules()):
+        if isinstance(sub, nn.Conv2d) and (padding := _symmetric_padding(sub)) is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(copy_.get_submodule(parent) if parent else copy_, child, _as_plain_conv(sub, padding))
+    graph = _ConvLeafTracer().trace(copy_)
+    traced = fx.GraphModule(copy_, graph)
+    modules = dict(traced.named_modules())
+    folded = 0
+    for node in list(traced.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        conv, norm = modules[source.target], modules[node.target]
+        if not isinstance(conv, nn.Conv2d) or not norm.track_running_stats:
+            continue
+        parent, _, name = source.target.rpartition(".")
+        setattr(traced.get_submodule(parent) if parent else traced, name, fuse_conv_bn_eval(conv, norm))
+        node.replace_all_uses_with(source)
+        traced.graph.erase_node(node)
+        folded += 1
+    if not folded:
+        return None
+    traced.graph.lint()
+    traced.recompile()
+    return traced.eval()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` so that timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

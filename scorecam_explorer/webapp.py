@@ -1,0 +1,497 @@
+"""The explorer as a web app: the cache it needs, and Voila serving it on 127.0.0.1.
+
+``scorecam-explorer app`` (see :mod:`scorecam_explorer.commands.app`) calls, in order:
+
+1. :func:`prepare_cache`: reuse the cache for this model, picture, convention and layers
+   from the cache directory (:func:`cache_dir`), after checking that it matches (weights
+   fingerprint, mask convention, the picture's pixels); compute what is missing, with a
+   progress bar; save atomically. A damaged cache is refused with the reason.
+2. :func:`serve`: check that Voila is installed and the port is free, then run Voila on the
+   bundled notebook ``app/explorer.ipynb``, which reads its settings from environment
+   variables (:func:`explorer_from_environment`), until Ctrl-C.
+
+Nothing here imports torch at module level: serving a saved cache as it is needs no model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import webbrowser
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scorecam_explorer.errors import CacheError, ScorecamError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from scorecam_explorer.explorer import Explorer
+    from scorecam_explorer.models import LoadedModel
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8866
+DEFAULT_IMAGE = "sample:chelsea"
+INSTALL_HINT = 'pip install "scorecam-explorer[app]"'
+
+ENV_CACHE_DIR = "SCORECAM_EXPLORER_CACHE_DIR"
+"""Overrides where computed caches are kept (default: the user's cache directory)."""
+ENV_APP_CACHE = "SCORECAM_EXPLORER_APP_CACHE"
+"""The cache the app notebook opens (set by :func:`serve`)."""
+ENV_APP_MODEL = "SCORECAM_EXPLORER_APP_MODEL"
+"""The model name the app may load to add layers and run Grad-CAM ("" for none)."""
+ENV_APP_WEIGHTS = "SCORECAM_EXPLORER_APP_WEIGHTS"
+"""The weights argument for that model (``DEFAULT``, a path, or ``none``)."""
+
+DEFAULT_APP_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.5", "blocks.11", "blocks.15", "head"),
+}
+"""Layers the app caches by default, per model: a few blocks and the default layer, so the
+layer scrubber has something to scrub while the first run stays short on a CPU."""
+
+# JupyterLab-only front-end extensions that fail to load in Voila's page (console error).
+_VOILA_EXTENSION_DENYLIST = ["@voila-dashboards/jupyterlab-preview"]
+
+
+class PortInUseError(ScorecamError, OSError):
+    """The port the app should listen on is taken."""
+
+
+class AppUnavailableError(ScorecamError, ImportError):
+    """Voila (the ``app`` extra) is not installed."""
+
+
+# ---- where caches live ------------------------------------------------------------------
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the app keeps computed caches.
+
+    ``$SCORECAM_EXPLORER_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/scorecam_explorer``, else
+    ``~/.cache/scorecam_explorer``. Not created here.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(ENV_CACHE_DIR):
+        return Path(env[ENV_CACHE_DIR]).expanduser()
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]).expanduser() / "scorecam_explorer"
+    return Path("~/.cache").expanduser() / "scorecam_explorer"
+
+
+def picture_hash(pixels: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) of a picture's pixels, shape included."""
+    pixels = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(f"{pixels.dtype}:{pixels.shape}".encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "image"
+
+
+def default_cache_path(
+    model_name: str, fingerprint: str, image: str, pixels: np.ndarray, convention: str, directory: Path | None = None
+) -> Path:
+    """``<cache dir>/<model>-<weights>-<picture>-<pixels>-<convention>.zarr``.
+
+    The weights fingerprint and the hash of the picture's pixels are in the name, so
+    another model, other weights or another picture never find this file.
+    """
+    stem = Path(image[len("sample:") :] if image.startswith("sample:") else image).stem
+    name = f"{_slug(model_name)}-{fingerprint[:8]}-{_slug(stem)}-{picture_hash(pixels)[:10]}-{_slug(convention)}.zarr"
+    return (directory or cache_dir()) / name
+
+
+def default_layers(model: LoadedModel) -> list[str]:
+    """The layers the app caches when none are named.
+
+    :data:`DEFAULT_APP_LAYERS` for the models it lists; otherwise the last layer of each of
+    the three deepest spatial resolutions and the default layer, shallow to deep.
+    """
+    known = DEFAULT_APP_LAYERS.get(model.name)
+    names = model.layer_names()
+    if known and all(layer in names for layer in known):
+        return list(known)
+    last_of_stage: dict[tuple[int, int], str] = {}
+    for info in model.layers():
+        if info.height > 1 or info.width > 1:
+            last_of_stage[(info.height, info.width)] = info.name
+    chosen = list(last_of_stage.values())[-3:]
+    if model.default_layer not in chosen:
+        chosen.append(model.default_layer)
+    order = {name: index for index, name in enumerate(model.layer_names(listed_only=False))}
+    return sorted(set(chosen), key=lambda name: order.get(name, len(order)))
+
+
+# ---- preparing the cache ----------------------------------------------------------------
+
+
+@dataclass
+class PreparedCache:
+    """What :func:`prepare_cache` did: where the cache is, and how it got there.
+
+    ``status``: ``"computed"``, ``"reused"``, ``"extended"`` (layers added to a reused
+    cache) or ``"opened"`` (a cache given by path, served as it is).
+    """
+
+    path: Path
+    status: str
+    layers: list[str]
+    seconds: float = 0.0
+    model_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _refuse(path: Path, reason: str) -> CacheError:
+    return CacheError(
+        f"the cache at {path} cannot be used: {reason.rstrip('.')}. Run again with --recompute to compute it "
+        "afresh (it is replaced only once the new one is complete), or pass another --cache path."
+    )
+
+
+def open_existing(path: Path) -> xr.DataTree:
+    """Load a cache for the app; a damaged or foreign one is refused with the reason."""
+    from scorecam_explorer.cache import load_cache
+
+    try:
+        return load_cache(path)
+    except CacheError as error:
+        raise _refuse(path, str(error)) from None
+
+
+def check_reusable(
+    cache: xr.DataTree, path: Path, model: LoadedModel, convention: str, image_id: str, pixels: np.ndarray
+) -> None:
+    """Refuse a cache made with other weights, another convention or another picture."""
+    from scorecam_explorer.cache import check_cache_matches
+
+    try:
+        check_cache_matches(cache, model=model, convention=convention)
+    except CacheError as error:
+        raise _refuse(path, str(error)) from None
+    images = [str(name) for name in cache["image"].values]
+    index = images.index(image_id) if image_id in images else 0 if len(images) == 1 else None
+    cached = None if index is None else np.asarray(cache["picture"].isel(image=index).values)
+    if cached is None or cached.shape != pixels.shape or not np.array_equal(cached, pixels):
+        raise _refuse(path, f"it was made for another picture (pixel hash {picture_hash(pixels)} differs)")
+
+
+def prepare_cache(
+    *,
+    model_name: str | None,
+    weights: str | None = "DEFAULT",
+    image: str | None = None,
+    layers: Sequence[str] | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
+    convention: str | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PreparedCache:
+    """Find, check, compute or extend the cache the app will serve.
+
+    With only ``cache_path`` given (model, picture, layers and convention left as None) and
+    a cache there, it is served as it is: no model is loaded. Otherwise the model
+    (``model_name``, default the embedded one) and picture (default ``sample:chelsea``) are
+    loaded and the cache at ``cache_path`` (default: :func:`default_cache_path`) is reused
+    if it matches, extended with missing ``layers``, or computed. ``recompute`` computes
+    afresh whatever is there (a folder that is not a cache is never replaced).
+    """
+    from scorecam_explorer.conventions import DEFAULT_CONVENTION
+
+    path = Path(cache_path).expanduser() if cache_path is not None else None
+    serve_as_is = path is not None and model_name is None and image is None and not layers and convention is None
+    if serve_as_is and path.exists() and not recompute:
+        cache = open_existing(path)
+        return PreparedCache(path, "opened", _layers(cache), model_name=str(cache.attrs.get("model_name", "")))
+
+    from scorecam_explorer.images import load_image
+    from scorecam_explorer.models import DEFAULT_MODEL, load_model
+
+    image = image or DEFAULT_IMAGE
+    convention = convention or DEFAULT_CONVENTION
+    picture = load_image(image)  # a bad path fails here, before the model loads
+    log(f"loading model {model_name or DEFAULT_MODEL} ...")
+    model = load_model(model_name or DEFAULT_MODEL, weights=weights)
+    wanted = [model.check_layer(layer) for layer in layers] if layers else default_layers(model)
+    pixels = model.preprocessing.crop_image(picture)
+    path = path or default_cache_path(model.name, model.fingerprint(), image, pixels, convention)
+    from scorecam_explorer.images import image_id as make_image_id
+
+    identifier = make_image_id(image)
+
+    if path.exists() and not recompute:
+        cache = open_existing(path)
+        check_reusable(cache, path, model, convention, identifier, pixels)
+        missing = [layer for layer in wanted if layer not in _layers(cache)]
+        if not missing:
+            return PreparedCache(path, "reused", _layers(cache), model_name=model.name)
+        log(f"adding layer(s) {', '.join(missing)} to {path} ...")
+        from scorecam_explorer.cache import save_cache
+        from scorecam_explorer.explorer.model_link import compute_layers
+
+        started = time.perf_counter()
+        cache = compute_layers(cache, model, missing, progress=progress)
+        save_cache(cache, path, overwrite=True)
+        return PreparedCache(path, "extended", _layers(cache), time.perf_counter() - started, model.name)
+
+    from scorecam_explorer.cache import save_cache
+    from scorecam_explorer.engine import compute_cache
+
+    log(f"computing Score-CAM for {identifier} at {', '.join(wanted)} (one forward pass per channel) ...")
+    started = time.perf_counter()
+    cache = compute_cache(model, image, wanted, convention=convention, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if recompute and path.exists():
+        replace_cache(cache, path)
+    else:
+        save_cache(cache, path)
+    return PreparedCache(path, "computed", _layers(cache), time.perf_counter() - started, model.name)
+
+
+def _looks_like_damaged_cache(path: Path) -> bool:
+    """A Zarr store whose root metadata is unreadable but that holds a cache's root arrays."""
+    return (path / "zarr.json").is_file() and all((path / name / "zarr.json").is_file() for name in ("logits", "baseline_logits", "input"))
+
+
+def replace_cache(cache: xr.DataTree, path: Path) -> None:
+    """Save ``cache`` over the one at ``path``, also when that one is too damaged to be
+    recognised; anything else (a folder that is not a cache) is never replaced."""
+    from scorecam_explorer.cache import save_cache
+
+    if not _looks_like_damaged_cache(path):
+        save_cache(cache, path, overwrite=True)  # refuses what is not a cache
+        return
+    aside = path.with_name(f".{path.name}.damaged-{os.getpid()}")
+    os.rename(path, aside)
+    try:
+        save_cache(cache, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _layers(cache: xr.DataTree) -> list[str]:
+    return [str(name) for name in json.loads(cache.attrs.get("layers", "[]"))]
+
+
+# ---- serving ----------------------------------------------------------------------------
+
+
+def require_voila() -> None:
+    """Raise AppUnavailableError, saying how to install it, when Voila is missing."""
+    missing = [name for name in ("voila", "ipykernel") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise AppUnavailableError(
+            f"the web app needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"{INSTALL_HINT}"
+        )
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that is free on ``host`` now (the system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def check_port(port: int, host: str = HOST) -> None:
+    """Raise PortInUseError (with the port and a free alternative) if ``port`` is taken."""
+    if not 0 < int(port) < 65536:
+        raise PortInUseError(f"port {port} is not a valid TCP port (1-65535).")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the server will: connections of an earlier run in TIME_WAIT do not block the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+            probe.listen(1)
+        except OSError:
+            raise PortInUseError(
+                f"port {port} on {host} is in use (another server, or an app still running?); "
+                f"choose a free one with --port, e.g. --port {free_port(host)}."
+            ) from None
+
+
+def notebook_path() -> Path:
+    """The notebook Voila serves (inside the installed package)."""
+    return Path(str(resources.files("scorecam_explorer") / "app" / "explorer.ipynb"))
+
+
+def write_kernel_spec(data_dir: Path) -> Path:
+    """A ``python3`` kernel spec running this interpreter, under ``data_dir/kernels``.
+
+    Prepending ``data_dir`` to ``JUPYTER_PATH`` makes the app's kernel run in the same
+    environment as the command, whatever other ``python3`` kernels are installed.
+    """
+    spec_dir = data_dir / "kernels" / "python3"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (scorecam-explorer)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return data_dir
+
+
+def voila_command(notebook: Path, port: int, host: str = HOST) -> list[str]:
+    """The command line that serves ``notebook`` with Voila on ``host:port``."""
+    return [
+        sys.executable,
+        "-m",
+        "voila",
+        str(notebook),
+        f"--port={int(port)}",
+        f"--Voila.ip={host}",
+        "--no-browser",
+        "--theme=light",
+        f"--VoilaConfiguration.extension_denylist={json.dumps(_VOILA_EXTENSION_DENYLIST)}",
+        "--VoilaConfiguration.show_tracebacks=True",
+    ]
+
+
+def app_environment(
+    cache_path: Path, *, model_name: str | None, weights: str | None, jupyter_dir: Path, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment Voila and its kernel run in: the app's settings and kernel path."""
+    env = dict(os.environ if base is None else base)
+    env[ENV_APP_CACHE] = str(Path(cache_path).resolve())
+    env[ENV_APP_MODEL] = model_name or ""
+    env[ENV_APP_WEIGHTS] = "none" if weights is None else str(weights)
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(jupyter_dir), env.get("JUPYTER_PATH", "")]))
+    return env
+
+
+def static_url(port: int, host: str = HOST) -> str:
+    """A static file of Voila's: it answers as soon as the server is up (``/`` starts a kernel)."""
+    return f"http://{host}:{port}/voila/static/voila.js"
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Poll ``url`` until it answers 200; False if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def serve(
+    cache_path: Path,
+    *,
+    port: int,
+    model_name: str | None,
+    weights: str | None,
+    open_browser: bool = True,
+    log: Callable[[str], None] = print,
+    startup_timeout: float = 90.0,
+) -> int:
+    """Run Voila on the app notebook until Ctrl-C (or until Voila stops); returns its status."""
+    require_voila()
+    check_port(port)
+    url = f"http://{HOST}:{port}/"
+    with tempfile.TemporaryDirectory(prefix="scorecam-explorer-") as scratch, _terminate_as_interrupt():
+        env = app_environment(
+            cache_path, model_name=model_name, weights=weights, jupyter_dir=write_kernel_spec(Path(scratch))
+        )
+        process = subprocess.Popen(voila_command(notebook_path(), port), env=env)
+        try:
+            if not wait_until_serving(static_url(port), process, startup_timeout):
+                if process.poll() is None:
+                    process.terminate()
+                    process.wait(10)
+                raise ScorecamError(f"Voila did not start on port {port} (exit status {process.returncode}); see its log above.")
+            log(f"Score-CAM explorer: {url}  (Ctrl-C to stop)")
+            if open_browser:
+                webbrowser.open(url)
+            return process.wait()
+        except KeyboardInterrupt:
+            log("stopping ...")
+            return 0
+        finally:
+            _stop(process)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while serving, so that Voila is stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---- inside the app's kernel ------------------------------------------------------------
+
+
+def explorer_from_environment(environ: Mapping[str, str] | None = None) -> Explorer:
+    """The explorer the app notebook shows, from the variables :func:`serve` sets.
+
+    ``SCORECAM_EXPLORER_APP_CACHE`` names the cache. ``SCORECAM_EXPLORER_APP_MODEL`` (and
+    ``..._WEIGHTS``) name a model loaded only if the page asks for it (to add a layer or
+    run Grad-CAM); empty means the model named in the cache, if ``load_model`` knows it.
+    """
+    from scorecam_explorer.explorer import Explorer
+
+    env = os.environ if environ is None else environ
+    path = env.get(ENV_APP_CACHE)
+    if not path:
+        raise ScorecamError(f"{ENV_APP_CACHE} is not set: start the app with `scorecam-explorer app`.")
+    cache = open_existing(Path(path))
+    name = env.get(ENV_APP_MODEL) or str(cache.attrs.get("model_name", ""))
+    weights_text = env.get(ENV_APP_WEIGHTS, "DEFAULT")
+    weights = None if weights_text.lower() == "none" else weights_text
+
+    def load() -> Any:
+        from scorecam_explorer.models import load_model
+
+        return load_model(name, weights=weights)
+
+    return Explorer(cache, model=load if name else None)

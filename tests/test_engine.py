@@ -1,0 +1,355 @@
+"""compute_cache end to end: inputs, layers, counts, exactness against pytorch-grad-cam and torchcam."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from scorecam_explorer import runtime
+from scorecam_explorer.engine import compute_cache
+from scorecam_explorer.errors import ImageLoadError, NonFiniteError, ScorecamError, UnknownLayerError
+from scorecam_explorer.models import from_module, load_model
+from scorecam_explorer.preprocessing import Preprocessing
+from scorecam_explorer.runtime import Plan
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run faster on one thread, and much faster on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(tiny_cnn):
+    with torch.no_grad():  # two channels that a ReLU zeroes everywhere
+        tiny_cnn.features[3].bias[[4, 9]] = -1e4
+    return tiny_cnn
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(5)
+    return torch.randn(2, 3, 32, 32)
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_cache_from_a_plain_module_and_a_tensor(tiny, x):
+    cache = compute_cache(tiny, x, "features.4", progress=False, batch_size=5)
+    assert cache.attrs["model_name"] == "TinyCNN"
+    assert list(cache["class_name"].values[:2]) == ["class 0", "class 1"]
+    assert list(cache["image"].values) == ["image-0", "image-1"]
+    assert json.loads(cache.attrs["layers"]) == ["features.4"]
+    assert json.loads(cache.attrs["preprocessing"]) is None  # a tensor for a plain module: unknown
+    assert json.loads(cache.attrs["mask_convention"])["name"] == "paper"
+    assert cache.attrs["dtype"] == "float32" and cache.attrs["device"] == "cpu"
+    node = cache["features.4"]
+    assert node["activation"].dims == ("image", "channel", "fy", "fx")
+    assert node["activation"].shape == (2, 16, 16, 16)
+    assert node["masked_logits"].shape == (2, 16, 10)
+    assert node["constant"].values[:, [4, 9]].all()
+    np.testing.assert_array_equal(cache["input"].values, x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(cache["logits"].values, tiny(x).numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cache["baseline_logits"].values, tiny(x * 0).numpy(), rtol=1e-6, atol=1e-6)
+    # a min-max view of the input: uint8 spanning 0..255 per image
+    picture = cache["picture"].values
+    assert picture.dtype == np.uint8 and picture.shape == (2, 32, 32, 3)
+    assert picture.reshape(2, -1).min(axis=1).tolist() == [0, 0]
+    assert picture.reshape(2, -1).max(axis=1).tolist() == [255, 255]
+    # constant rows are the baseline's
+    constant = node["constant"].values
+    for i in range(2):
+        np.testing.assert_array_equal(node["masked_logits"].values[i][constant[i]][0], cache["baseline_logits"].values[i])
+    assert no_hooks(tiny)
+
+
+def test_forward_passes_counts_every_model_call(tiny, x):
+    loaded = from_module(tiny)
+    loaded.layers()  # the one-off probe passes (class count, layer shapes) happen here
+    calls = [0]
+    handle = tiny.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        cache = compute_cache(loaded, x, ["features.1", "features.4"], progress=False, batch_size=3)
+    finally:
+        handle.remove()
+    # unmasked + baseline + ceil(non-constant channels of all images / 3) per layer
+    expected = 2
+    for layer in ("features.1", "features.4"):
+        expected += -(-int((~cache[layer]["constant"].values).sum()) // 3)
+    assert cache.attrs["forward_passes"] == expected
+    assert calls[0] == expected  # an independent counter agrees
+    assert cache.attrs["seconds"] > 0
+
+
+def test_masked_logits_match_pytorch_grad_cam_scores(tiny, x):
+    """pytorch-grad-cam's ScoreCAM scores channel k by f(X * H_k)[c]: record its model outputs."""
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cache = compute_cache(tiny, x, "features.4", convention="pytorch-grad-cam", progress=False)
+    outputs: list[torch.Tensor] = []
+    handle = tiny.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().clone()))
+    try:
+        ScoreCAM(tiny, target_layers=[tiny.features[4]])(x, targets=[ClassifierOutputTarget(3)] * 2)
+    finally:
+        handle.remove()
+    theirs = torch.cat(outputs[1:]).reshape(2, 16, 10).numpy()
+    np.testing.assert_allclose(cache["features.4"]["masked_logits"].values, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_logits_match_torchcam_scores(tiny, x):
+    from torchcam.methods import ScoreCAM
+
+    cache = compute_cache(tiny, x, "features.4", convention="torchcam", progress=False)
+    outputs: list[torch.Tensor] = []
+    with ScoreCAM(tiny, target_layer="features.4", batch_size=16, input_shape=(3, 32, 32)) as extractor:
+        with torch.no_grad():
+            tiny(x)
+        handle = tiny.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().clone()))
+        try:
+            extractor(class_idx=[3, 3])
+        finally:
+            handle.remove()
+    theirs = torch.cat(outputs[1:]).reshape(2, 16, 10).numpy()
+    np.testing.assert_allclose(cache["features.4"]["masked_logits"].values, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_many_images_equal_one_at_a_time(tiny, x):
+    both = compute_cache(tiny, x, "features.4", progress=False)
+    second = compute_cache(tiny, x[1:], "features.4", progress=False)
+    np.testing.assert_allclose(
+        both["features.4"]["masked_logits"].values[1], second["features.4"]["masked_logits"].values[0], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(both["features.4"]["constant"].values[1], second["features.4"]["constant"].values[0])
+
+
+def test_layers_default_single_list_and_order(x):
+    torch.manual_seed(0)
+    loaded = from_module(torchvision.models.resnet18(weights=None), preprocessing=Preprocessing(resize=40, crop=32))
+    small = x[:1]
+    assert loaded.default_layer == "layer3"  # layer4 is 1x1 at this input size
+    assert json.loads(compute_cache(loaded, small, progress=False).attrs["layers"]) == ["layer3"]
+    cache = compute_cache(loaded, small, ["layer4", "layer3", "layer4"], progress=False)
+    assert json.loads(cache.attrs["layers"]) == ["layer3", "layer4"]
+    assert set(cache.children) == {"layer3", "layer4"}
+    with pytest.raises(UnknownLayerError, match="layer5"):
+        compute_cache(loaded, small, "layer5", progress=False)
+
+
+def test_pictures_from_paths_pil_arrays_and_samples(tiny, tmp_path):
+    loaded = from_module(tiny, preprocessing=Preprocessing(resize=36, crop=32))
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(array).save(path)
+    cache = compute_cache(
+        loaded, [str(path), Image.fromarray(array), array, "sample:chelsea", str(path)], "features.4", progress=False
+    )
+    assert list(cache["image"].values) == ["photo.png", "image-1", "image-2", "sample:chelsea", "photo.png#2"]
+    pictures = cache["picture"].values
+    np.testing.assert_array_equal(pictures[0], pictures[1])
+    np.testing.assert_array_equal(pictures[0], loaded.preprocessing.crop_image(Image.fromarray(array)))
+    np.testing.assert_allclose(cache["input"].values[0], loaded.preprocessing.normalise(pictures[0]), rtol=0, atol=0)
+    assert json.loads(cache.attrs["preprocessing"])["crop"] == 32
+    named = compute_cache(loaded, array, "features.4", progress=False, image_ids=["mine"])
+    assert list(named["image"].values) == ["mine"]
+    with pytest.raises(ImageLoadError):
+        compute_cache(loaded, str(tmp_path / "missing.png"), "features.4", progress=False)
+
+
+def test_tensor_input_with_known_preprocessing_is_denormalised(x):
+    loaded = from_module(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    inputs = torch.from_numpy(loaded.preprocessing.normalise(pixels).copy())
+    cache = compute_cache(loaded, inputs, "1", progress=False)
+    np.testing.assert_array_equal(cache["picture"].values, pixels)
+
+
+def test_class_names_override_and_mismatch(tiny, x):
+    names = [f"n{i}" for i in range(10)]
+    cache = compute_cache(tiny, x[:1], "features.4", progress=False, class_names=names)
+    assert list(cache["class_name"].values) == names
+    with pytest.raises(ScorecamError, match="10 outputs but 3 class names"):
+        compute_cache(tiny, x[:1], "features.4", progress=False, class_names=["a", "b", "c"])
+
+
+def test_bad_arguments_are_clear_errors(tiny, x):
+    with pytest.raises(ScorecamError, match="precision"):
+        compute_cache(tiny, x, "features.4", progress=False, precision="float16")
+    with pytest.raises(ScorecamError, match="convention"):
+        compute_cache(tiny, x, "features.4", progress=False, convention="gradcam")
+    with pytest.raises(ScorecamError, match=r"\(N, 3, H, W\)"):
+        compute_cache(tiny, torch.zeros(2, 32, 32), "features.4", progress=False)
+    with pytest.raises(ScorecamError, match="batch size"):
+        compute_cache(tiny, x, "features.4", progress=False, batch_size=0)
+    with pytest.raises(ScorecamError, match="model must be"):
+        compute_cache("resnet18", x, "features.4", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ScorecamError, match="CUDA is not available"):
+            compute_cache(tiny, x, "features.4", progress=False, device="cuda")
+    with pytest.raises(NonFiniteError, match="input tensor"):
+        compute_cache(tiny, x * float("nan"), "features.4", progress=False)
+
+
+def test_hooks_removed_and_mode_restored_after_a_failure(tiny, x):
+    loaded = from_module(tiny)
+    loaded.layers()  # probe passes first, so that the counter below sees only compute_cache's
+    tiny.train()
+    calls = {"n": 0}
+
+    def poison_masked_passes(_module, _inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 2 else output  # after capture and baseline
+
+    handle = tiny.register_forward_hook(poison_masked_passes)
+    try:
+        with pytest.raises(NonFiniteError, match="'features.4'"):
+            compute_cache(loaded, x, "features.4", progress=False)
+    finally:
+        handle.remove()
+    assert no_hooks(tiny)
+    assert all(module.training for module in tiny.modules())
+
+
+def test_device_auto_is_cpu_here_and_recorded(tiny, x):
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert compute_cache(tiny, x[:1], "features.4", progress=False).attrs["device"] == expected
+
+
+def test_bfloat16_is_recorded_and_close(tiny, x):
+    fp32 = compute_cache(tiny, x, "features.4", progress=False)
+    bf16 = compute_cache(tiny, x, "features.4", progress=False, precision="bfloat16")
+    assert bf16.attrs["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(bf16["logits"].values, fp32["logits"].values)  # unmasked stays fp32
+    np.testing.assert_allclose(
+        bf16["features.4"]["masked_logits"].values, fp32["features.4"]["masked_logits"].values, rtol=0.05, atol=0.05
+    )
+
+
+def test_progress_bar_can_be_switched_off(tiny, x, capsys):
+    compute_cache(tiny, x, "features.4", progress=False)
+    assert capsys.readouterr().err == ""
+    compute_cache(tiny, x, "features.4", progress=True)
+    assert "Score-CAM" in capsys.readouterr().err
+
+
+def test_measured_plan_is_one_of_the_candidates_and_remembered(tiny):
+    runtime.forget_plans()
+    torch.set_num_threads(2)  # so that a single-thread plan is among the candidates
+    loaded = from_module(tiny)
+    sizes: list[int] = []
+    handle = tiny.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        compute_cache(loaded, torch.randn(24, 3, 32, 32), "features.4", progress=False)
+    finally:
+        handle.remove()
+    candidates = runtime.candidate_plans(torch.device("cpu"))
+    assert len(candidates) == 4 and Plan(16, 1) in candidates
+    chosen = list(runtime._CHOSEN_PLANS.values())
+    assert len(chosen) == 1 and chosen[0] in candidates
+    assert torch.get_num_threads() == 2  # restored whatever plan won
+    # later runs reuse the choice: every full batch has the chosen size
+    sizes.clear()
+    handle = tiny.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        compute_cache(loaded, torch.randn(6, 3, 32, 32), "features.4", progress=False)
+    finally:
+        handle.remove()
+    assert max(sizes[2:]) == chosen[0].batch_size
+
+
+class StandardisedConv(nn.Conv2d):
+    """A convolution whose forward ignores its bias: folding a BatchNorm into it would be wrong."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight, None, self.stride, self.padding)
+
+
+def with_batchnorm(conv_type: type[nn.Conv2d]) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        conv_type(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
+    )
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_batchnorm_folding_gives_the_same_scores(x):
+    model = with_batchnorm(nn.Conv2d)
+    folded = compute_cache(model, x, "5", progress=False)
+    plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
+    assert runtime.folded_batchnorm(model, ("unused",)) is not None
+    assert folded.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # one check pass on the copy
+    np.testing.assert_allclose(
+        folded["5"]["masked_logits"].values, plain["5"]["masked_logits"].values, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(folded["5"]["constant"].values, plain["5"]["constant"].values)
+    np.testing.assert_array_equal(folded["logits"].values, plain["logits"].values)  # capture never folds
+
+
+def test_a_fold_that_changes_the_model_is_not_used(x):
+    model = with_batchnorm(StandardisedConv)
+    folded = compute_cache(model, x, "5", progress=False)
+    plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
+    np.testing.assert_array_equal(folded["5"]["masked_logits"].values, plain["5"]["masked_logits"].values)
+    assert folded.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # the check pass that failed
+    assert runtime.folded_batchnorm(model, ("any key",)) is None  # rejected once, never folded again
+
+
+def test_allocator_tuning_changes_no_result(tiny, x):
+    before = compute_cache(tiny, x, "features.4", progress=False, tune_allocator=False)
+    after = compute_cache(tiny, x, "features.4", progress=False, tune_allocator=True)
+    np.testing.assert_array_equal(before["features.4"]["masked_logits"].values, after["features.4"]["masked_logits"].values)
+
+
+def test_model_on_another_device_is_moved_back(tiny, x):
+    parameter_device = next(tiny.parameters()).device
+    compute_cache(tiny, x[:1], "features.4", progress=False, device="cpu")
+    assert next(tiny.parameters()).device == parameter_device
+
+
+@pytest.mark.slow
+def test_default_model_head_matches_pytorch_grad_cam(default_model):
+    """The embedded EfficientNet-Lite0, its 1280-channel head, a real photo. pytorch-grad-cam's
+    own weight computation, run on a subset of the channels (its masks are per channel, so a
+    subset is exact), agrees with the weights recomposed from our cache on that subset."""
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cache = compute_cache(default_model, "sample:chelsea", convention="pytorch-grad-cam", progress=False)
+    node = cache["head"]
+    constant = node["constant"].values[0]
+    assert 300 < int(constant.sum()) < 1000  # about half of the head's channels are dead on a photo
+    subset = np.concatenate([np.flatnonzero(constant)[:24], np.flatnonzero(~constant)[:40]])
+    target = int(cache["logits"].values[0].argmax())
+    scores = node["masked_logits"].values[0, subset, target]
+    ours = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+
+    cam = ScoreCAM(default_model.module, target_layers=[default_model.module.head])
+    activation = node["activation"].values[:, subset]
+    theirs = cam.get_cam_weights(
+        torch.from_numpy(cache["input"].values), None, [ClassifierOutputTarget(target)], activation, None
+    )[0]
+    np.testing.assert_allclose(ours, theirs, rtol=2e-4, atol=1e-7)
+    our_map = np.maximum((ours[:, None, None] * activation[0]).sum(0), 0)
+    their_map = np.maximum((theirs[:, None, None] * activation[0]).sum(0), 0)
+    assert np.corrcoef(our_map.ravel(), their_map.ravel())[0, 1] >= 0.9999

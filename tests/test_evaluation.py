@@ -1,0 +1,214 @@
+"""evaluate(): methods x metrics over a folder, the table, the JSON, bad input; the CLI command."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scorecam_explorer.baselines import gradcam, prepare_inputs
+from scorecam_explorer.cli import main
+from scorecam_explorer.errors import ImageLoadError
+from scorecam_explorer.evaluation import (
+    UnknownMethodError,
+    check_methods,
+    collect_images,
+    evaluate,
+    write_json_atomically,
+)
+from scorecam_explorer.metrics import BoxError, average_drop_increase, deletion, insertion
+from scorecam_explorer.models import from_module
+
+
+@pytest.fixture
+def picture_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_model(tiny_cnn):
+    return from_module(tiny_cnn, input_size=32)
+
+
+def test_check_methods():
+    assert check_methods("scorecam, gradcam++,Grad-CAM") == ["scorecam", "gradcam++", "gradcam"]
+    assert check_methods(["gradcam", "gradcam"]) == ["gradcam"]
+    with pytest.raises(UnknownMethodError, match="Did you mean: gradcam"):
+        check_methods("gradcamm")
+    with pytest.raises(UnknownMethodError, match="no method"):
+        check_methods(" , ")
+
+
+def test_collect_images_bad_input(tmp_path, picture_folder):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageLoadError, match="no image files"):
+        collect_images(tmp_path / "empty")
+    with pytest.raises(ImageLoadError, match="not found"):
+        collect_images(tmp_path / "missing")
+    (picture_folder / "broken.png").write_text("not an image")
+    (picture_folder / "zz.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\).*broken.png.*zz.png"):
+        images = collect_images(picture_folder)
+    assert images.ids == ["a.png", "b.jpg", "c.png"]
+    assert len(images.skipped) == 2
+    only_broken = tmp_path / "only_broken"
+    only_broken.mkdir()
+    (only_broken / "x.jpg").write_text("nope")
+    with pytest.warns(UserWarning), pytest.raises(ImageLoadError, match="none of the images"):
+        collect_images(only_broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first two files are readable: no warning
+        assert collect_images(picture_folder, max_images=2).ids == ["a.png", "b.jpg"]
+
+
+def test_evaluate_matches_the_metric_functions(tiny_model, picture_folder):
+    boxes = {"a.png": [0, 0, 16, 16], "c.png": [[0, 0, 8, 8], [16, 16, 32, 32]], "gone.png": [0, 0, 4, 4]}
+    with pytest.warns(UserWarning, match="gone.png"):
+        result = evaluate(
+            tiny_model, picture_folder, methods="gradcam,scorecam", boxes=boxes, step_fraction=0.1, batch_size=8
+        )
+    assert result.methods == ["gradcam", "scorecam"]
+    assert list(result.per_image.coords["image"].values) == ["a.png", "b.jpg", "c.png"]
+    # the per-image values are those of the metric functions on the same maps
+    batch = prepare_inputs(tiny_model, collect_images(picture_folder).pictures)
+    maps = gradcam(tiny_model, batch.tensor, result.protocol["layer"])
+    row = result.per_image.sel({"method": "gradcam"})
+    confidence = average_drop_increase(tiny_model, batch.tensor, maps)
+    np.testing.assert_allclose(row["drop"].values, confidence["drop"].values, atol=1e-9)
+    np.testing.assert_allclose(row["deletion_auc"].values, deletion(tiny_model, batch.tensor, maps, step_fraction=0.1)["auc"].values)
+    np.testing.assert_allclose(
+        row["insertion_auc"].values, insertion(tiny_model, batch.tensor, maps, step_fraction=0.1)["auc"].values
+    )
+    assert math.isnan(row["energy_pointing"].values[1])  # b.jpg has no box
+    summary = result.summary()
+    assert summary["gradcam"]["average_drop"] == pytest.approx(confidence.attrs["average_drop"])
+    assert summary["gradcam"]["energy_pointing"] == pytest.approx(np.nanmean(row["energy_pointing"].values))
+    assert result.fidelity is not None and result.fidelity.sizes["image"] == 3
+    table = result.table()
+    assert "Grad-CAM" in table and "Score-CAM" in table and "3 image(s)" in table
+    assert "Energy pointing" in table and "left out" not in table
+    assert result.cost["scorecam"]["forward_passes"]["deletion"] == 3 * (11 + 1) + 3  # 102 px steps: 11 steps, 12 points, plus f(X)
+
+
+def test_without_boxes_the_pointing_game_is_left_out_and_json_is_strict(tiny_model, picture_folder, tmp_path):
+    result = evaluate(tiny_model, picture_folder, methods=["gradcam++"], step_fraction=0.25, topk=False)
+    assert "left out" in result.table() and "Energy pointing" not in result.table().splitlines()[1]
+    path = result.save_json(tmp_path / "out.json")
+    data = json.loads(path.read_text())  # allow_nan=False when written: NaN became null
+    assert data["summary"]["gradcam++"]["energy_pointing"] is None
+    assert data["per_image"]["gradcam++"]["a.png"]["energy_pointing"] is None
+    assert len(data["per_image"]["gradcam++"]["a.png"]["deletion_curve"]) == 5
+    protocol = data["protocol"]
+    for key in ("model", "layer", "preprocessing", "keep_fraction", "step_fraction", "blur_kernel", "blur_sigma",
+                "deletion_substrate", "insertion_substrate", "weights_fingerprint"):
+        assert key in protocol
+    assert data["targets"]["a.png"]["index"] == int(result.per_image.coords["target"].values[0])
+    assert not list(tmp_path.glob(".out.json.*"))  # no temporary file left
+
+
+def test_bad_boxes_are_clear_errors(tiny_model, picture_folder):
+    with pytest.raises(BoxError, match="outside"):
+        evaluate(tiny_model, picture_folder, methods="gradcam", boxes={"a.png": [0, 0, 40, 20]}, step_fraction=0.5)
+    with pytest.raises(BoxError, match="none of the boxes"):
+        evaluate(tiny_model, picture_folder, methods="gradcam", boxes={"nothing.png": [0, 0, 4, 4]})
+
+
+def test_write_json_atomically_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomically({"a": 1}, path)
+    with pytest.raises(ValueError):
+        write_json_atomically({"a": float("nan")}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_sanity_in_evaluate(tiny_model, picture_folder):
+    result = evaluate(
+        tiny_model, picture_folder, methods="gradcam", sanity=True, step_fraction=0.5, max_images=2, topk=False
+    )
+    sanity = result.sanity["gradcam"]
+    assert list(sanity.coords["randomised"].values) == ["none", "classifier", "features"]
+    assert "Sanity check (Grad-CAM" in result.table()
+    assert result.to_json()["sanity"]["gradcam"]["randomised"][1] == "classifier"
+
+
+# ---- the command -------------------------------------------------------------------------
+
+
+def test_cli_evaluate_on_a_torchvision_model(picture_folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    status = main([
+        "evaluate", "--model", "resnet18", "--weights", "none", "--images", str(picture_folder),
+        "--methods", "gradcam,gradcam++", "--max-images", "2", "--step-fraction", "0.5", "--out", str(out), "--quiet",
+    ])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "Grad-CAM++" in captured.out and "2 image(s)" in captured.out and "left out" in captured.out
+    data = json.loads(out.read_text())
+    assert data["protocol"]["model"] == "resnet18" and data["protocol"]["layer"] == "layer4"
+    assert data["images"] == ["a.png", "b.jpg"]
+    assert set(data["per_image"]) == {"gradcam", "gradcam++"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--methods", "scorecam,gradcamm"], "unknown method 'gradcamm'"),
+        (["--images", "EMPTY"], "no image files"),
+        (["--images", "MISSING"], "image folder not found"),
+        (["--boxes", "BOXES"], "outside"),
+        (["--out", "NOWHERE/r.json"], "does not exist"),
+    ],
+)
+def test_cli_bad_input(picture_folder, tmp_path, capsys, arguments, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "boxes.json").write_text(json.dumps({"a.png": [0, 0, 500, 10]}))
+    replacements = {
+        "EMPTY": str(tmp_path / "empty"),
+        "MISSING": str(tmp_path / "missing"),
+        "BOXES": str(tmp_path / "boxes.json"),
+        "NOWHERE/r.json": str(tmp_path / "nowhere" / "r.json"),
+    }
+    arguments = [replacements.get(a, a) for a in arguments]
+    base = {"--images": str(picture_folder), "--out": str(tmp_path / "r.json")}
+    for flag, value in zip(arguments[::2], arguments[1::2]):
+        base[flag] = value
+    argv = ["evaluate", "--model", "resnet18", "--weights", "none", "--methods", "gradcam", "--quiet",
+            "--step-fraction", "0.5"]
+    for flag, value in base.items():
+        argv += [flag, value]
+    status = main(argv)
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_boxes_match_sample_file_names_and_ids():
+    from scorecam_explorer.evaluation import boxes_for
+
+    images = collect_images("samples")
+    chosen = boxes_for(images, {"coffee.jpg": [30, 0, 194, 118], "sample:rocket": [102, 62, 124, 224]})
+    assert chosen == {"sample:coffee": [30, 0, 194, 118], "sample:rocket": [102, 62, 124, 224]}
+
+
+def test_default_model_on_a_sample(default_model):
+    result = evaluate(
+        default_model,
+        ["sample:chelsea"],
+        methods="gradcam",
+        boxes={"chelsea.jpg": [0, 0, 224, 224]},
+        step_fraction=0.25,
+    )
+    row = result.per_image.sel({"method": "gradcam"})
+    assert result.protocol["layer"] == "head" and result.protocol["model"] == "efficientnet_lite0"
+    assert row["energy_pointing"].values[0] == pytest.approx(1.0)  # the box is the whole input
+    assert str(result.per_image.coords["target_name"].values[0]) in ("tiger cat", "Egyptian cat", "tabby")
+    assert 0.0 <= row["drop"].values[0] <= 100.0
+    curve = row["deletion_curve"].values[0]
+    assert curve[0] == pytest.approx(row["probability"].values[0], abs=1e-5)

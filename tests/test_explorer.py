@@ -1,0 +1,495 @@
+"""The explorer without a browser: set widget values, check what the figures show against
+compose (and numpy) for that state; plus the analysis helpers it draws from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from _tiny_models import tiny_model, write_images
+
+from scorecam_explorer import baselines
+from scorecam_explorer.cache import save_cache
+from scorecam_explorer.colormaps import apply_colormap
+from scorecam_explorer.compose import channel_contributions, channel_weights, scorecam
+from scorecam_explorer.conventions import MASK_CONVENTIONS
+from scorecam_explorer.engine import compute_cache
+from scorecam_explorer.errors import ScorecamError
+from scorecam_explorer.explorer import Explorer
+from scorecam_explorer.explorer import analysis
+from scorecam_explorer.explorer.model_link import merge_layers
+from scorecam_explorer.explorer.recomposer_panel import parse_channels
+from scorecam_explorer.explorer.state import ExplorerState, kept_channels
+from scorecam_explorer.figures import decode_image_uri
+from scorecam_explorer.figures.encoding import DIVERGING, colorize, decode_typed_array
+from scorecam_explorer.presets import PRESETS
+
+LAYERS = ["features.1", "features.4"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return [str(path) for path in write_images(tmp_path_factory.mktemp("pictures"), 2)]
+
+
+@pytest.fixture(scope="module")
+def cache(model, images) -> xr.DataTree:
+    return compute_cache(model, images, LAYERS, progress=False, batch_size=8)
+
+
+@pytest.fixture
+def explorer(cache) -> Explorer:
+    return Explorer(cache)
+
+
+def shown_map(explorer: Explorer) -> np.ndarray:
+    """The coloured map the map panel's FigureWidget shows (trace 1), decoded."""
+    return decode_image_uri(explorer.map.figure.widget.data[1].source)
+
+
+def coloured(saliency: xr.DataArray, colormap: str = "jet") -> np.ndarray:
+    return apply_colormap(saliency.values, colormap)
+
+
+class MessageLog:
+    """Counts the plot updates each FigureWidget sends (one per batch_update)."""
+
+    def __init__(self, figures: dict) -> None:
+        self.updates = {name: 0 for name in figures}
+        for name, live in figures.items():
+            live.widget.comm.send = self._recorder(name)
+
+    def _recorder(self, name: str):
+        def send(data=None, buffers=None, **_kwargs):
+            state = (data or {}).get("state", {})
+            if state.get("_py2js_update") or state.get("_py2js_restyle") or state.get("_py2js_relayout"):
+                self.updates[name] += 1
+
+        return send
+
+    def reset(self) -> None:
+        self.updates = dict.fromkeys(self.updates, 0)
+
+
+def figures_of(explorer: Explorer) -> dict:
+    return {
+        "map": explorer.map.figure,
+        "fidelity": explorer.recomposer.figure,
+        "bars": explorer.channels.bars,
+        "detail": explorer.channels.detail,
+        "gallery": explorer.channels.gallery,
+        "compare": explorer.compare.figure,
+    }
+
+
+def click_bar(explorer: Explorer, position: int) -> None:
+    """What the browser sends when a bar is clicked."""
+    explorer.channels.bars.widget._js2py_pointsCallback = {
+        "event_type": "plotly_click",
+        "points": {"trace_indexes": [0], "point_indexes": [position], "xs": [position], "ys": [0.0]},
+        "device_state": None,
+    }
+
+
+# ---- the map follows the controls -----------------------------------------------------------
+
+
+def test_the_map_shows_compose_for_the_initial_state(explorer, cache) -> None:
+    s = explorer.state.selection
+    assert s.layer == LAYERS[-1]  # the deepest cached layer
+    assert s.target == int(np.argmax(cache["logits"].isel(image=0).values))  # the top-1 class
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0)))
+    assert np.array_equal(decode_image_uri(explorer.map.figure.widget.data[0].source), cache["picture"].isel(image=0).values)
+
+
+def test_layer_scrubber_class_picker_and_preset_redraw_the_map(explorer, cache) -> None:
+    explorer.controls.layer.value = "features.1"
+    explorer.controls.target.value = 3
+    explorer.controls.preset.value = "official"
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, "features.1", 3, preset="official", image=0)))
+    title = explorer.map.figure.widget.layout.title.text
+    assert "class 3" in title and "features.1" in title and "official" in title
+
+
+def test_class_search_takes_any_name_and_reports_unknown_ones_in_place(explorer, cache) -> None:
+    explorer.controls.search.value = "class 8"
+    assert explorer.state.selection.target == 8
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, LAYERS[-1], 8, image=0)))
+    assert any(value == 8 for _, value in explorer.controls.target.options)  # added to the picker
+    explorer.controls.search.value = "zebra"
+    assert explorer.state.selection.target == 8  # unchanged
+    assert "no class named" in explorer.controls.message.value and "zebra" in explorer.controls.message.value
+
+
+def test_class_picker_lists_the_top_ten_with_probabilities(explorer, cache) -> None:
+    logits = cache["logits"].isel(image=0).values.astype(np.float64)
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    options = explorer.controls.target.options
+    assert [value for _, value in options][:10] == list(np.argsort(-probabilities, kind="stable")[:10])
+    best = int(np.argmax(probabilities))
+    assert options[0][0] == f"class {best} · {probabilities[best]:.1%}"
+
+
+def test_picture_picker_switches_image(explorer, cache) -> None:
+    assert explorer.controls.image.layout.display != "none"  # two pictures: the picker shows
+    explorer.controls.image.value = 1
+    s = explorer.state.selection
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=1)))
+    assert np.array_equal(decode_image_uri(explorer.map.figure.widget.data[0].source), cache["picture"].isel(image=1).values)
+
+
+def test_opacity_and_colour_scale(explorer, cache) -> None:
+    log = MessageLog(figures_of(explorer))
+    explorer.map.opacity.value = 0.8
+    assert explorer.map.figure.widget.data[1].opacity == 0.8
+    assert log.updates["map"] == 1 and sum(log.updates.values()) == 2  # the map and the compare maps
+    explorer.map.colormap.value = "viridis"
+    s = explorer.state.selection
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0), "viridis"))
+
+
+# ---- recomposer -------------------------------------------------------------------------
+
+
+def test_top_k_slider_recomposes_and_marks_the_fidelity_curve(explorer, cache) -> None:
+    s = explorer.state.selection
+    explorer.recomposer.top_k.value = 3
+    top = scorecam(cache, s.layer, s.target, image=0, top_k=3)
+    full = scorecam(cache, s.layer, s.target, image=0)
+    assert np.array_equal(shown_map(explorer), coloured(top))
+    marker = explorer.recomposer.figure.widget.data[1]
+    assert marker.x == (3,)
+    assert marker.y[0] == pytest.approx(np.corrcoef(top.values.ravel(), full.values.ravel())[0, 1], abs=1e-9)
+    assert "<b>3</b> heaviest" in explorer.recomposer.summary.value
+
+
+def test_switching_channels_off_by_text_click_and_reset(explorer, cache) -> None:
+    s = explorer.state.selection
+    n = explorer.state.channel_count()
+    explorer.recomposer.switched_off.value = "2, 5"
+    on = np.ones(n, dtype=bool)
+    on[[2, 5]] = False
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0, channels=on)))
+    # click a bar in "switch off / on" mode
+    explorer.channels.click_mode.value = "toggle"
+    order = explorer.state.order()
+    click_bar(explorer, 0)
+    on[order[0]] = False
+    assert explorer.state.selection.switched_off == frozenset({2, 5, int(order[0])})
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0, channels=on)))
+    assert explorer.recomposer.switched_off.value == ", ".join(map(str, sorted({2, 5, int(order[0])})))
+    explorer.recomposer.reset.click()
+    assert explorer.state.selection.switched_off == frozenset()
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0)))
+
+
+def test_bad_channel_text_is_reported_in_place(explorer) -> None:
+    explorer.recomposer.switched_off.value = "3, x"
+    assert "not a channel number" in explorer.recomposer.message.value
+    explorer.recomposer.switched_off.value = "999"
+    assert "do not exist" in explorer.recomposer.message.value
+    assert explorer.state.selection.switched_off == frozenset()
+    assert parse_channels("1, 2 3") == {1, 2, 3}
+
+
+def test_fidelity_curve_shown_is_pearson_r_of_compose_maps(explorer, cache) -> None:
+    s = explorer.state.selection
+    line = explorer.recomposer.figure.widget.data[0]
+    full = scorecam(cache, s.layer, s.target, image=0).values.ravel()
+    for k, r in zip(line.x, line.y):
+        top = scorecam(cache, s.layer, s.target, image=0, top_k=int(k)).values.ravel()
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
+        assert r == pytest.approx(expected, abs=1e-7), k
+
+
+# ---- channel inspector ----------------------------------------------------------------------
+
+
+def test_bars_show_compose_weights_in_the_chosen_order(explorer, cache) -> None:
+    s = explorer.state.selection
+    data = channel_contributions(cache, s.layer, s.target, image=0)
+    for key, variable in (("variance", "variance"), ("contribution", "share"), ("weight", "weight")):
+        explorer.channels.sort_by.value = key
+        order = np.argsort(-data[variable].values, kind="stable")
+        bars = explorer.channels.bars.widget.data[0]
+        assert np.allclose(bars.y, data["weight"].values[order])
+        rows = decode_typed_array(bars.customdata)
+        assert np.array_equal(rows[:, 0], order) and np.allclose(rows[:, 2], data["probability"].values[order])
+
+
+def test_clicking_a_bar_inspects_that_channel(explorer, cache) -> None:
+    s = explorer.state.selection
+    order = explorer.state.order()
+    click_bar(explorer, 2)
+    channel = int(order[2])
+    assert explorer.state.selection.channel == channel
+    assert explorer.channels.channel.value == channel
+    tiles = [decode_image_uri(trace.source) for trace in explorer.channels.detail.widget.data[:3]]
+    activation = cache[s.layer]["activation"].isel(image=0, channel=channel).values.astype(np.float64)
+    low, high = activation.min(), activation.max()
+    high = high if high > low else low + 1.0
+    assert np.array_equal(tiles[0], colorize(activation, "viridis", low, high))
+    mask = analysis.channel_mask(cache, s.layer, channel)
+    assert np.array_equal(tiles[1], apply_colormap(mask.values, "gray"))
+    assert np.array_equal(tiles[2], analysis.masked_picture(cache, mask).values)
+    weight = channel_weights(cache, s.layer, s.target, image=0).values[channel]
+    assert f"{weight:.4g}" in explorer.channels.scores.value
+
+
+def test_channel_box_and_toggle_button(explorer, cache) -> None:
+    explorer.channels.channel.value = 4
+    assert explorer.state.selection.channel == 4
+    explorer.channels.toggle.click()
+    assert 4 in explorer.state.selection.switched_off
+    assert "on" in explorer.channels.toggle.description
+    status = dict(zip(explorer.state.order().tolist(), explorer.channels.bars.widget.data[0].marker.color))
+    assert status[4] == 3  # selected wins over switched off in the colour
+    explorer.channels.toggle.click()
+    assert 4 not in explorer.state.selection.switched_off
+
+
+def test_gallery_shows_the_first_channels_contributions(explorer, cache) -> None:
+    s = explorer.state.selection
+    data = channel_contributions(cache, s.layer, s.target, image=0)
+    order = np.argsort(-data["weight"].values, kind="stable")[:8]
+    tiles = data["contribution"].values[order]
+    extent = np.abs(tiles).max()
+    shown = [trace for trace in explorer.channels.gallery.widget.data if trace.type == "image"]
+    assert len(shown) == 8
+    assert np.array_equal(decode_image_uri(shown[0].source), colorize(tiles[0], DIVERGING, -extent, extent))
+    assert explorer.channels.gallery.widget.layout.annotations[1].text.startswith(f"channel {order[0]}")
+
+
+# ---- compare --------------------------------------------------------------------------------
+
+
+def compare_sources(explorer: Explorer) -> list[np.ndarray]:
+    return [decode_image_uri(t.source) for t in explorer.compare.figure.widget.data if t.type == "image"]
+
+
+def test_compare_two_presets_layers_and_classes(explorer, cache) -> None:
+    s = explorer.state.selection
+    explorer.compare.mode.value = "presets"
+    explorer.compare.first.value, explorer.compare.second.value = "torchcam", "official"
+    first = scorecam(cache, s.layer, s.target, preset="torchcam", image=0)
+    second = scorecam(cache, s.layer, s.target, preset="official", image=0)
+    sources = compare_sources(explorer)
+    assert np.array_equal(sources[1], coloured(first)) and np.array_equal(sources[3], coloured(second))
+    difference = first.values.astype(np.float64) - second.values.astype(np.float64)
+    assert np.array_equal(sources[4], colorize(difference, DIVERGING, -1.0, 1.0))
+    assert f"{np.corrcoef(first.values.ravel(), second.values.ravel())[0, 1]:.3f}" in explorer.compare.figure.widget.layout.title.text
+
+    explorer.compare.mode.value = "layers"
+    explorer.compare.first.value, explorer.compare.second.value = "features.1", "features.4"
+    assert np.array_equal(compare_sources(explorer)[1], coloured(scorecam(cache, "features.1", s.target, image=0)))
+
+    explorer.compare.mode.value = "classes"
+    second_class = explorer.compare.second.value
+    assert np.array_equal(compare_sources(explorer)[3], coloured(scorecam(cache, s.layer, second_class, image=0)))
+    assert "methods" not in [value for _, value in explorer.compare.mode.options]  # no model attached
+
+
+def test_compare_offers_grad_cam_when_a_model_is_attached(cache, model) -> None:
+    explorer = Explorer(cache, model=model)
+    explorer.compare.mode.value = "methods"
+    explorer.compare.second.value = "gradcam_pp"
+    s = explorer.state.selection
+    inputs = torch.from_numpy(cache["input"].isel(image=[0]).values)
+    expected = baselines.gradcam_pp(model, inputs, s.layer, s.target).isel(image=0)
+    assert np.array_equal(compare_sources(explorer)[3], coloured(expected))
+    assert "Grad-CAM++" in explorer.compare.figure.widget.layout.annotations[2].text
+
+
+# ---- one message per figure, errors in place, no torch ---------------------------------------
+
+
+def test_each_change_sends_at_most_one_update_per_figure(explorer) -> None:
+    log = MessageLog(figures_of(explorer))
+    changes = [
+        lambda: setattr(explorer.controls.target, "value", 5),
+        lambda: setattr(explorer.controls.preset, "value", "torchcam"),
+        lambda: setattr(explorer.controls.layer, "value", "features.1"),
+        lambda: setattr(explorer.recomposer.top_k, "value", 2),
+        lambda: setattr(explorer.channels.sort_by, "value", "variance"),
+        lambda: setattr(explorer.channels.channel, "value", 1),
+    ]
+    for change in changes:
+        log.reset()
+        change()
+        assert max(log.updates.values()) == 1, log.updates
+        assert log.updates["map"] + log.updates["bars"] >= 1
+
+
+def test_unknown_layer_or_class_opens_on_the_default_and_says_so(cache) -> None:
+    explorer = Explorer(cache, layer="features.9", target="zebra")
+    assert explorer.state.selection.layer == LAYERS[-1]
+    message = explorer.controls.message.value
+    assert "features.9" in message and "features.1" in message and "zebra" in message
+    # asking the panel for a layer the cache lacks shows the reason, nothing raises
+    assert not explorer.controls.apply(layer="features.0")
+    assert "not in this cache" in explorer.controls.message.value
+
+
+def test_state_checks_values_and_tells_listeners_once(cache) -> None:
+    state = ExplorerState(cache)
+    seen = []
+    state.observe(seen.append)
+    state.update(top_k=2, sort_by="variance")
+    assert seen == [frozenset({"top_k", "sort_by"})]
+    state.update(top_k=10**6)  # every channel: the same as no top k
+    assert state.selection.top_k is None
+    state.update(layer="features.1")
+    assert state.selection.switched_off == frozenset() and state.selection.top_k is None
+    for bad in ({"preset": "nope"}, {"opacity": 2.0}, {"channel": 99}, {"switched_off": range(8)}, {"color": 1}):
+        with pytest.raises(ScorecamError):
+            state.update(**bad)
+
+
+def test_no_torch_when_exploring_a_saved_cache(cache, tmp_path) -> None:
+    path = save_cache(cache, tmp_path / "tiny.zarr")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from scorecam_explorer import Explorer
+        explorer = Explorer.from_cache_file({str(path)!r})
+        explorer.controls.layer.value = "features.1"
+        explorer.controls.target.value = 2
+        explorer.recomposer.top_k.value = 3
+        explorer.channels.channel.value = 1
+        explorer.compare.mode.value = "layers"
+        print("torch" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_explorer_displays_as_a_widget(explorer) -> None:
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "layer 'features.4'" in repr(explorer)
+
+
+# ---- with the model: computing a layer that is not cached -----------------------------------
+
+
+def test_a_missing_layer_is_computed_from_the_panel(model, images, cache) -> None:
+    small = compute_cache(model, images, ["features.4"], progress=False, batch_size=8)
+    explorer = Explorer(small, model=model)
+    assert explorer.controls.compute_row.layout.display != "none"
+    explorer.controls.load_model.click()
+    assert "features.1" in explorer.controls.new_layer.options
+    explorer.controls.new_layer.value = "features.1"
+    explorer.controls.compute.click()
+    assert explorer.state.layers == ["features.1", "features.4"]
+    assert explorer.state.selection.layer == "features.1"
+    assert np.allclose(explorer.cache["features.1"]["masked_logits"].values, cache["features.1"]["masked_logits"].values, atol=1e-5)
+    s = explorer.state.selection
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(explorer.cache, "features.1", s.target, image=0)))
+    assert "features.1" in explorer.controls.layer.options
+
+
+def test_a_model_with_other_weights_is_refused_in_place(cache) -> None:
+    explorer = Explorer(cache, model=lambda: tiny_model(seed=1))
+    explorer.controls.load_model.click()
+    assert "not the ones the cache was made with" in explorer.controls.message.value
+    assert explorer.controls.compute_row.layout.display == "none"
+
+
+def test_from_model_computes_the_cache(model, images) -> None:
+    explorer = Explorer.from_model(model, images[0], layers=["features.4"], progress=False, batch_size=8)
+    assert explorer.state.layers == ["features.4"]
+    assert explorer.model.available and explorer.model.get() is model
+
+
+def test_merge_layers_keeps_model_order_and_refuses_other_weights(model, images, cache) -> None:
+    first = compute_cache(model, images, ["features.4"], progress=False, batch_size=8)
+    second = compute_cache(model, images, ["features.1"], progress=False, batch_size=8)
+    merged = merge_layers(first, second, order=model.layer_names(listed_only=False))
+    assert json.loads(merged.attrs["layers"]) == ["features.1", "features.4"]
+    assert merged.attrs["forward_passes"] == first.attrs["forward_passes"] + second.attrs["forward_passes"]
+    other = compute_cache(tiny_model(seed=2), images, ["features.1"], progress=False, batch_size=8)
+    with pytest.raises(ScorecamError, match="weights_fingerprint"):
+        merge_layers(first, other)
+
+
+# ---- analysis helpers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", list(MASK_CONVENTIONS))
+def test_channel_mask_matches_the_engines_torch_masks(model, images, convention) -> None:
+    cache = compute_cache(model, images[:1], ["features.4"], convention=convention, progress=False, batch_size=8)
+    activation = torch.from_numpy(cache["features.4"]["activation"].values)
+    expected = MASK_CONVENTIONS[convention].masks(activation, (32, 32))[0].numpy()
+    for channel in range(activation.shape[1]):
+        mask = analysis.channel_mask(cache, "features.4", channel)
+        assert mask.dims == ("y", "x")
+        assert np.allclose(mask.values, expected[channel], atol=1e-5), channel
+
+
+def test_masked_picture_shows_mean_colour_where_masked(cache) -> None:
+    ones = xr.DataArray(np.ones((32, 32)), dims=("y", "x"))
+    zeros = xr.DataArray(np.zeros((32, 32)), dims=("y", "x"))
+    unmasked = analysis.masked_picture(cache, ones).values.astype(int)
+    assert np.abs(unmasked - cache["picture"].isel(image=0).values.astype(int)).max() <= 1
+    described = json.loads(cache.attrs["preprocessing"])
+    mean_colour = np.round(np.asarray(described["mean"]) * 255)
+    assert np.array_equal(analysis.masked_picture(cache, zeros).values[0, 0], mean_colour)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_fidelity_curve_equals_pearson_of_compose_maps_for_every_preset(cache, preset) -> None:
+    layer, target = "features.4", 4
+    off = {1, 6}
+    curve = analysis.fidelity_curve(cache, layer, target, preset=preset, image=1, switched_off=off)
+    on = np.ones(cache[layer].sizes["channel"], dtype=bool)
+    on[list(off)] = False
+    full = scorecam(cache, layer, target, preset=preset, image=1).values.ravel()
+    assert curve.sizes["k"] == on.sum() and curve.attrs["complete"] == 1
+    # ReLU after upsampling: float32 maps (r to about 1e-6); otherwise exact sums
+    tolerance = 1e-6 if PRESETS[preset].relu_at == "input" else 1e-7
+    for k in curve["k"].values:
+        top = scorecam(cache, layer, target, preset=preset, image=1, channels=on, top_k=int(k)).values.ravel()
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
+        assert curve.sel(k=k).item() == pytest.approx(expected, abs=tolerance), (preset, k)
+    weights = channel_weights(cache, layer, target, preset=preset, image=1).values
+    kept = kept_channels(weights, off, 3)
+    assert set(curve["channel"].values[:3]) == set(np.flatnonzero(kept))
+
+
+def test_sampled_fidelity_curve_is_exact_where_sampled(cache) -> None:
+    curve = analysis.fidelity_curve(cache, "features.4", 0, preset="official", image=0, max_points=5)
+    assert curve.attrs["complete"] == 0 and curve["k"].values[-1] == 16
+    full = scorecam(cache, "features.4", 0, preset="official", image=0).values.ravel()
+    for k in curve["k"].values:
+        top = scorecam(cache, "features.4", 0, preset="official", image=0, top_k=int(k)).values.ravel()
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
+        assert curve.sel(k=k).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_pearson_of_a_constant_map_is_zero_not_nan() -> None:
+    assert analysis.pearson(np.zeros((4, 4)), np.random.default_rng(0).random((4, 4))) == 0.0
+    a = np.random.default_rng(1).random((5, 5))
+    assert analysis.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    with pytest.raises(ScorecamError, match="resize"):
+        analysis.pearson(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_top_predictions_are_softmax_of_the_logits(cache) -> None:
+    top = analysis.top_predictions(cache, image=1, count=3)
+    logits = cache["logits"].isel(image=1).values.astype(np.float64)
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert list(top["class"].values) == list(np.argsort(-probabilities)[:3])
+    assert np.allclose(top.values, np.sort(probabilities)[::-1][:3])

@@ -1,0 +1,321 @@
+"""Masks and masked scoring, checked against the masks pytorch-grad-cam and torchcam build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from scorecam_explorer.capture import capture
+from scorecam_explorer.conventions import MASK_CONVENTIONS, MaskConvention, get_convention
+from scorecam_explorer.errors import NonFiniteError, ScorecamError
+from scorecam_explorer.runtime import Plan, Planner
+from scorecam_explorer.scoring import baseline_logits, score_layer
+
+
+def with_dead_channels(model: nn.Module, conv: nn.Conv2d, dead: list[int]) -> nn.Module:
+    """Make channels ``dead`` of ``conv`` negative everywhere, so a following ReLU zeroes them."""
+    with torch.no_grad():
+        conv.bias[dead] = -1e4
+    return model
+
+
+@pytest.fixture
+def tiny_with_dead(tiny_cnn):
+    return with_dead_channels(tiny_cnn, tiny_cnn.features[3], [2, 5, 11])
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run faster on one thread, and much faster on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def inputs() -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(2, 3, 32, 32)
+
+
+class InputRecorder:
+    """Records (clones of) every input the model is called with."""
+
+    def __init__(self, model: nn.Module):
+        self.calls: list[torch.Tensor] = []
+        self.handle = model.register_forward_pre_hook(lambda _m, args: self.calls.append(args[0].detach().clone()))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def our_masked_inputs(convention: str, inputs: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """X_i * H_ik for every image and channel, (N * C, 3, H, W), as scoring builds them."""
+    masks = get_convention(convention).masks(activation, tuple(inputs.shape[-2:]))
+    return torch.cat([inputs[i] * masks[i][:, None] for i in range(inputs.shape[0])])
+
+
+def pytorch_grad_cam_masked_inputs(model, layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    recorder = InputRecorder(model)
+    try:
+        cam = ScoreCAM(model, target_layers=[layer])
+        cam(inputs, targets=[ClassifierOutputTarget(1)] * inputs.shape[0])
+    finally:
+        recorder.remove()
+    return torch.cat(recorder.calls[1:])  # the first call is the unmasked forward
+
+
+def torchcam_masked_inputs(model, layer_name: str, inputs: torch.Tensor) -> torch.Tensor:
+    from torchcam.methods import ScoreCAM
+
+    with ScoreCAM(model, target_layer=layer_name, batch_size=7, input_shape=tuple(inputs.shape[1:])) as extractor:
+        with torch.no_grad():
+            model(inputs)
+        recorder = InputRecorder(model)
+        try:
+            extractor(class_idx=[1] * inputs.shape[0])
+        finally:
+            recorder.remove()
+    return torch.cat(recorder.calls[1:])  # the first call re-scores the unmasked input
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_pytorch_grad_cam_convention_reproduces_its_masks_exactly(tiny_with_dead, inputs, n_images):
+    x = inputs[:n_images]
+    activation = capture(tiny_with_dead, x, ["features.4"]).activations["features.4"]
+    theirs = pytorch_grad_cam_masked_inputs(tiny_with_dead, tiny_with_dead.features[4], x)
+    ours = our_masked_inputs("pytorch-grad-cam", x, activation)
+    assert theirs.shape == ours.shape == (n_images * 16, 3, 32, 32)
+    assert torch.equal(ours, theirs)
+    # the dead channels' masked inputs are exactly the baseline X * 0
+    for i in range(n_images):
+        for k in (2, 5, 11):
+            assert torch.equal(theirs[i * 16 + k], x[i] * 0)
+
+
+def forwarded_masked_inputs(model, x, layer, convention) -> torch.Tensor:
+    """The masked inputs ``score_layer`` actually forwards (every channel, in order)."""
+    activation = capture(model, x, [layer]).activations[layer]
+    baseline = baseline_logits(model, x)
+    recorder = InputRecorder(model)
+    try:
+        score_layer(
+            model, x, activation, get_convention(convention), baseline=baseline,
+            planner=Planner(key=("record", layer), candidates=[Plan(8), Plan(16), Plan(32)]), skip_constant=False,
+        )
+    finally:
+        recorder.remove()
+    return torch.cat(recorder.calls)
+
+
+@pytest.mark.parametrize("convention", ["pytorch-grad-cam", "torchcam"])
+def test_forwarded_inputs_equal_the_libraries_on_a_resnet(convention):
+    """128 channels of 4x4 upsampled to 32x32: PyTorch's vectorised CPU kernel (H + W <= 128),
+    whose rounding depends on how channels are grouped, over two blocks of 64 channels."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    if convention == "pytorch-grad-cam":
+        theirs = pytorch_grad_cam_masked_inputs(model, model.layer2, x)
+    else:
+        theirs = torchcam_masked_inputs(model, "layer2", x)
+    ours = forwarded_masked_inputs(model, x, "layer2", convention)
+    assert ours.shape == theirs.shape == (128, 3, 32, 32)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_torchcam_convention_reproduces_its_masks_exactly(tiny_with_dead, inputs, n_images):
+    x = inputs[:n_images]
+    activation = capture(tiny_with_dead, x, ["features.4"]).activations["features.4"]
+    theirs = torchcam_masked_inputs(tiny_with_dead, "features.4", x)
+    ours = our_masked_inputs("torchcam", x, activation)
+    assert theirs.shape == ours.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_torchcam_and_pytorch_grad_cam_masks_differ(tiny_with_dead, inputs):
+    """The conventions are not interchangeable: each test above checks something."""
+    activation = capture(tiny_with_dead, inputs, ["features.4"]).activations["features.4"]
+    a = get_convention("torchcam").masks(activation, (32, 32))
+    b = get_convention("pytorch-grad-cam").masks(activation, (32, 32))
+    assert not torch.equal(a, b)
+
+
+def official_masks(activation: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor | None]:
+    """The authors' loop (haofanwang/Score-CAM ``cam/scorecam.py``) for one image: a mask per
+    channel, None where they skip a constant channel."""
+    masks: list[torch.Tensor | None] = []
+    for i in range(activation.shape[1]):
+        saliency_map = torch.unsqueeze(activation[:, i, :, :], 1)
+        saliency_map = F.interpolate(saliency_map, size=size, mode="bilinear", align_corners=False)
+        if saliency_map.max() == saliency_map.min():
+            masks.append(None)
+            continue
+        masks.append((saliency_map - saliency_map.min()) / (saliency_map.max() - saliency_map.min()))
+    return masks
+
+
+@pytest.mark.parametrize("name", ["official", "paper"])
+def test_official_and_paper_conventions_match_the_authors_loop(tiny_with_dead, inputs, name):
+    x = inputs[:1]
+    activation = capture(tiny_with_dead, x, ["features.4"]).activations["features.4"]
+    convention = get_convention(name)
+    ours = convention.masks(activation, (32, 32))[0]
+    constant = convention.constant_channels(activation, (32, 32))[0]
+    for k, theirs in enumerate(official_masks(activation, (32, 32))):
+        if theirs is None:
+            assert bool(constant[k]) and not bool(ours[k].any())
+        else:
+            assert not bool(constant[k])
+            assert torch.equal(ours[k], theirs[0, 0])
+    assert all(bool(constant[k]) for k in (2, 5, 11))
+
+
+def test_masks_lie_in_unit_interval():
+    torch.manual_seed(0)
+    activation = torch.randn(2, 5, 7, 7)
+    for convention in MASK_CONVENTIONS.values():
+        masks = convention.masks(activation, (40, 40))
+        assert masks.shape == (2, 5, 40, 40)
+        assert float(masks.min()) >= 0.0 and float(masks.max()) <= 1.0
+        if convention.normalize == "after_upsample":  # min-max at input resolution: spans [0, 1]
+            assert torch.allclose(masks.flatten(2).amax(2), torch.ones(2, 5), atol=1e-6)
+            assert torch.equal(masks.flatten(2).amin(2), torch.zeros(2, 5))
+
+
+def test_constant_nonzero_map_gives_zero_mask_not_nan():
+    activation = torch.full((1, 2, 5, 5), 3.25)
+    activation[0, 1, 0, 0] = 4.0
+    for convention in MASK_CONVENTIONS.values():
+        masks = convention.masks(activation, (20, 20))
+        assert torch.isfinite(masks).all()
+        constant = convention.constant_channels(activation, (20, 20))
+        assert constant[0, 0] == (not bool(masks[0, 0].any()))
+
+
+def test_convention_json_round_trip_and_unknown_name():
+    for convention in MASK_CONVENTIONS.values():
+        assert MaskConvention.from_json(convention.to_json()) == convention
+    with pytest.raises(ScorecamError, match="unknown mask convention 'torchcamm'.*Did you mean: torchcam"):
+        get_convention("torchcamm")
+
+
+def run_score_layer(model, x, layer, convention="paper", batch_size=4, **kwargs):
+    activation = capture(model, x, [layer]).activations[layer]
+    baseline = baseline_logits(model, x)
+    planner = Planner(key=("test", batch_size), candidates=[Plan(batch_size)])
+    scores = score_layer(
+        model, x, activation, get_convention(convention), baseline=baseline, planner=planner, layer=layer, **kwargs
+    )
+    return scores, activation, baseline
+
+
+def test_masked_logits_are_the_outputs_on_the_masked_inputs(tiny_with_dead, inputs):
+    scores, activation, _ = run_score_layer(tiny_with_dead, inputs, "features.4", convention="pytorch-grad-cam")
+    with torch.no_grad():
+        expected = tiny_with_dead(our_masked_inputs("pytorch-grad-cam", inputs, activation)).reshape(2, 16, 10)
+    torch.testing.assert_close(scores.masked_logits, expected, rtol=1e-5, atol=1e-5)
+    assert scores.constant[:, [2, 5, 11]].all()
+    assert scores.forwarded == int((~scores.constant).sum()) < 32
+
+
+def test_skipping_constant_channels_is_identical_to_forwarding_them(tiny_with_dead, inputs):
+    x = inputs[:1]
+    skipped, _, baseline = run_score_layer(tiny_with_dead, x, "features.4", batch_size=1)
+    forwarded, _, _ = run_score_layer(tiny_with_dead, x, "features.4", batch_size=1, skip_constant=False)
+    assert forwarded.forwarded == 16
+    assert skipped.forwarded == 16 - int(skipped.constant.sum()) <= 13
+    assert torch.equal(skipped.constant, forwarded.constant)
+    # bit for bit: the constant channels' masked inputs are X * 0, the baseline input
+    assert torch.equal(skipped.masked_logits, forwarded.masked_logits)
+    for k in (2, 5, 11):
+        assert torch.equal(forwarded.masked_logits[0, k], baseline[0])
+
+
+def test_masks_and_batches_stay_small_whatever_the_channel_count(monkeypatch):
+    """Peak memory: masks exist for one block of channels, masked inputs for one batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 300, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(300, 4)
+    ).eval()
+    x = torch.randn(1, 3, 16, 16)
+    blocks: list[int] = []
+    original = MaskConvention.mask_blocks
+
+    def recording_blocks(self, activation, size, block=64):
+        for first, masks, constant in original(self, activation, size, block):
+            blocks.append(len(masks))
+            yield first, masks, constant
+
+    monkeypatch.setattr(MaskConvention, "mask_blocks", recording_blocks)
+    recorder = InputRecorder(model)
+    try:
+        scores, _, _ = run_score_layer(model, x, "1", batch_size=4)
+    finally:
+        recorder.remove()
+    assert max(blocks) == 64 and sum(blocks) == 300
+    masked_batches = [call.shape[0] for call in recorder.calls[2:]]  # after capture and baseline
+    assert max(masked_batches) == 4
+    assert sum(masked_batches) == scores.forwarded == int((~scores.constant).sum())
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(tiny_with_dead, inputs):
+    reference, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4", batch_size=8)
+    calls = {"n": 0}
+
+    def fail_once_on_big_batches(_module, args):
+        if args[0].shape[0] > 4 and calls["n"] == 0:
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("simulated")
+
+    handle = tiny_with_dead.register_forward_pre_hook(fail_once_on_big_batches)
+    try:
+        activation = capture(tiny_with_dead, inputs, ["features.4"]).activations["features.4"]
+        planner = Planner(key=("oom",), candidates=[Plan(8)])
+        scores = score_layer(
+            tiny_with_dead, inputs, activation, get_convention("paper"),
+            baseline=baseline_logits(tiny_with_dead, inputs), planner=planner,
+        )
+    finally:
+        handle.remove()
+    assert planner.chosen == Plan(4)
+    torch.testing.assert_close(scores.masked_logits, reference.masked_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_masked_output_names_the_layer(tiny_cnn, inputs):
+    def poison(_module, args, output):
+        return output * float("nan") if args[0].abs().sum() < 1e9 and args[0].shape[0] < 4 else output
+
+    activation = capture(tiny_cnn, inputs, ["features.4"]).activations["features.4"]
+    baseline = baseline_logits(tiny_cnn, inputs)
+    handle = tiny_cnn.register_forward_hook(poison)
+    try:
+        with pytest.raises(NonFiniteError, match="masked by layer 'features.4'"):
+            score_layer(
+                tiny_cnn, inputs, activation, get_convention("paper"), baseline=baseline,
+                planner=Planner(key=("nan",), candidates=[Plan(3)]), layer="features.4",
+            )
+    finally:
+        handle.remove()
+
+
+def test_bfloat16_scores_are_close_to_float32(tiny_with_dead, inputs):
+    fp32, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4")
+    bf16, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4", precision="bfloat16")
+    assert not torch.equal(fp32.masked_logits, bf16.masked_logits)
+    torch.testing.assert_close(bf16.masked_logits, fp32.masked_logits, rtol=0.05, atol=0.05)
+
+
+def test_channels_last_changes_no_more_than_rounding(tiny_with_dead, inputs):
+    plain, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4")
+    last, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4", channels_last=True)
+    torch.testing.assert_close(last.masked_logits, plain.masked_logits, rtol=1e-5, atol=1e-5)
