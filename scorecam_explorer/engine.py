@@ -105,7 +105,10 @@ def compute_cache(
     module = loaded.module
     fingerprint = loaded.fingerprint()
 
+    threads_key = (fingerprint, str(compute_device), precision)
     with _model_on(module, compute_device), runtime.threads_restored():
+        if (threads := runtime.remembered_threads(threads_key)) is not None:
+            torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
         folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)))
         with forward_call_counter(module) as calls, forward_call_counter(folded) as folded_calls:
@@ -133,6 +136,7 @@ def compute_cache(
                 baseline,
                 mask_convention,
                 planner_key=(fingerprint, tuple(batch.shape[1:]), str(compute_device), precision, batch_size),
+                threads_key=threads_key,
                 plans=runtime.candidate_plans(compute_device, batch_size),
                 precision=precision,
                 channels_last=channels_last,
@@ -167,6 +171,7 @@ def _score_layers(
     convention: MaskConvention,
     *,
     planner_key: tuple,
+    threads_key: tuple,
     plans: list[runtime.Plan],
     precision: str,
     channels_last: bool,
@@ -184,7 +189,7 @@ def _score_layers(
                 activation,
                 convention,
                 baseline=baseline,
-                planner=runtime.Planner(key=(name, *planner_key), candidates=plans),
+                planner=runtime.Planner(key=(name, *planner_key), candidates=plans, threads_key=threads_key),
                 layer=name,
                 precision=precision,
                 channels_last=channels_last,

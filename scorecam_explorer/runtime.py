@@ -1,7 +1,10 @@
-"""Where and how the masked forward passes run: device, allocator, precision, batch size.
+"""Where and how the masked forward passes run: device, allocator, precision, batch plan,
+and a BatchNorm-folded copy of the model.
 
-None of these choices changes which numbers are computed (except ``precision="bfloat16"``,
-which is opt-in and recorded in the cache); they only change how fast.
+None of these choices changes what is computed. The allocator setting never changes a bit;
+batch size, thread count, the channels-last layout and BatchNorm folding change float32
+rounding only (relative differences around 1e-6); ``precision="bfloat16"`` is opt-in and
+recorded in the cache.
 
 Allocator: with glibc's default malloc, the large activation buffers of a batched forward
 pass are returned to the operating system after every batch and fetched back as page faults.
@@ -25,8 +28,9 @@ import os
 import platform
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -128,8 +132,7 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
     else:
-        with nullcontext():
-            yield
+        yield
 
 
 def uses_channels_last(device: torch.device) -> bool:
@@ -147,59 +150,54 @@ class Plan(NamedTuple):
 def candidate_plans(device: torch.device, batch_size: int | None = None) -> list[Plan]:
     """Plans to try, the most likely best first.
 
-    On a CPU: batch sizes 16, 8, 32 (or the user's) with torch's thread count, and the
-    first size on a single thread too: on a busy machine, OpenMP threads that wait for a
-    core made Lite0 forwards several times slower than one thread.
+    On a CPU: batch sizes 16, 8, 32 (or the user's), each with torch's thread count and
+    with one thread: on a busy machine, OpenMP threads that wait for a core made Lite0
+    forwards several times slower than a single thread.
     """
     if batch_size is not None and int(batch_size) < 1:
         raise ScorecamError(f"batch size must be a positive integer, not {batch_size}.")
     if device.type == "cpu":
         sizes = [int(batch_size)] if batch_size is not None else [16, 8, 32]
         threads = torch.get_num_threads()
-        plans = [Plan(size, threads) for size in sizes]
-        if threads > 1:
-            plans.append(Plan(sizes[0], 1))
-        return plans
+        return [Plan(size, count) for count in ([threads, 1] if threads > 1 else [1]) for size in sizes]
     sizes = [int(batch_size)] if batch_size is not None else ([64, 128, 32, 256] if device.type == "cuda" else [32, 64, 16])
     return [Plan(size) for size in sizes]
 
 
-@dataclass
-class _Timing:
-    seconds: float = 0.0
-    images: int = 0
-
-    @property
-    def per_image(self) -> float:
-        return self.seconds / self.images if self.images else float("inf")
-
-
 _CHOSEN_PLANS: dict[tuple, Plan] = {}
+_CHOSEN_THREADS: dict[tuple, int] = {}
 
 
 @dataclass
 class Planner:
     """Chooses the plan of masked passes by timing real batches (see the module doc).
 
-    With one candidate there is nothing to measure. Otherwise the first batches cycle
-    through the candidates ``rounds`` times (the very first batch only warms up and is not
-    timed); afterwards :meth:`next_plan` returns the plan with the lowest time per image,
-    remembered for the process under ``key``.
+    With one candidate there is nothing to measure. Otherwise, first the thread count is
+    chosen at the first candidate's batch size, then the batch size at that thread count;
+    each plan is timed on ``samples`` real batches (the minimum time per image counts: a
+    first batch of a new shape pays one-off costs), and a plan already more than ``prune``
+    times slower than the best so far is not timed again. The winner is
+    remembered for the process under ``key`` (and its thread count under ``threads_key``,
+    see :func:`remembered_threads`).
     """
 
     key: tuple
     candidates: Sequence[Plan]
-    rounds: int = 2
-    _timings: dict[Plan, _Timing] = field(default_factory=dict)
-    _schedule: list[Plan] = field(default_factory=list)
-    _warmed: bool = False
+    threads_key: tuple | None = None
+    samples: int = 2
+    prune: float = 1.5
+    _times: dict[Plan, list[float]] = field(default_factory=dict)
+    _queue: list[Plan] = field(default_factory=list)
+    _stage: str = "threads"
 
     def __post_init__(self) -> None:
         self.candidates = list(self.candidates)
+        if not self.candidates:
+            raise ScorecamError("no batch plan to choose from.")
         if len(self.candidates) == 1:
             _CHOSEN_PLANS[self.key] = self.candidates[0]
         elif self.key not in _CHOSEN_PLANS:
-            self._schedule = [self.candidates[0]] + [plan for _ in range(self.rounds) for plan in self.candidates]
+            self._queue = self._stage_plans()
 
     @property
     def chosen(self) -> Plan | None:
@@ -210,26 +208,53 @@ class Planner:
         """The plan of the next batch."""
         if self.chosen is not None:
             return self.chosen
-        if self._schedule:
-            return self._schedule[0]
-        best = min(self._timings, key=lambda plan: self._timings[plan].per_image)
-        _CHOSEN_PLANS[self.key] = best
-        return best
+        while not self._queue:
+            self._advance()
+            if self.chosen is not None:
+                return self.chosen
+        return self._queue[0]
 
     def record(self, plan: Plan, seconds: float, images: int) -> None:
         """Report how long a batch of ``images`` masked inputs run with ``plan`` took."""
-        if self.chosen is not None or not self._schedule:
+        if self.chosen is not None or not self._queue or self._queue[0] != plan:
             return
-        self._schedule.pop(0)
-        if not self._warmed:
-            self._warmed = True  # the very first pass pays one-off costs (allocation, kernel choice)
+        self._queue.pop(0)
+        if images != plan.batch_size:  # a short last batch says little about its size
             return
-        if images == plan.batch_size:  # a short last batch says little about its size
-            timing = self._timings.setdefault(plan, _Timing())
-            timing.seconds += seconds
-            timing.images += images
-        if not self._schedule and not self._timings:
-            self._schedule = list(self.candidates)
+        self._times.setdefault(plan, []).append(seconds / images)
+        best = min(min(values) for values in self._times.values())
+        # a plan already much slower than the best is not timed again
+        self._queue = [
+            queued for queued in self._queue if queued not in self._times or min(self._times[queued]) <= self.prune * best
+        ]
+
+    def _stage_plans(self) -> list[Plan]:
+        if self._stage == "threads":
+            size = self.candidates[0].batch_size
+            plans = [plan for plan in self.candidates if plan.batch_size == size]
+        else:
+            threads = self._best().threads
+            plans = [plan for plan in self.candidates if plan.threads == threads and plan not in self._times]
+        return [plan for _ in range(self.samples) for plan in plans]
+
+    def _best(self) -> Plan:
+        return min(self._times, key=lambda plan: min(self._times[plan]))
+
+    def _advance(self) -> None:
+        """Start the next stage, or choose when the last one is done."""
+        if not self._times:  # nothing measurable yet (short batches): measure again
+            self._stage = "threads"
+            self._queue = self._stage_plans()
+            return
+        if self._stage == "threads":
+            self._stage = "sizes"
+            self._queue = self._stage_plans()
+            if self._queue:
+                return
+        best = self._best()
+        _CHOSEN_PLANS[self.key] = best
+        if self.threads_key is not None and best.threads is not None:
+            _CHOSEN_THREADS[self.threads_key] = best.threads
 
     def shrink_after_out_of_memory(self, plan: Plan) -> Plan:
         """Halve the batch size after the device ran out of memory; returns the new plan."""
@@ -237,13 +262,19 @@ class Planner:
             raise ScorecamError("the device ran out of memory even at batch size 1; use a smaller model or the CPU.")
         smaller = plan._replace(batch_size=max(1, plan.batch_size // 2))
         _CHOSEN_PLANS[self.key] = smaller
-        self._schedule = []
+        self._queue = []
         return smaller
+
+
+def remembered_threads(threads_key: tuple) -> int | None:
+    """The thread count a previous :class:`Planner` chose for this model, device and precision."""
+    return _CHOSEN_THREADS.get(threads_key)
 
 
 def forget_plans() -> None:
     """Drop the remembered plans (e.g. after the machine's load changed)."""
     _CHOSEN_PLANS.clear()
+    _CHOSEN_THREADS.clear()
 
 
 @contextmanager
@@ -349,6 +380,7 @@ def _fold(module: nn.Module) -> nn.Module | None:
     graph = _ConvLeafTracer().trace(copy_)
     traced = fx.GraphModule(copy_, graph)
     modules = dict(traced.named_modules())
+    calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
     folded = 0
     for node in list(traced.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
@@ -357,8 +389,8 @@ def _fold(module: nn.Module) -> nn.Module | None:
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
         conv, norm = modules[source.target], modules[node.target]
-        if not isinstance(conv, nn.Conv2d) or not norm.track_running_stats:
-            continue
+        if not isinstance(conv, nn.Conv2d) or not norm.track_running_stats or calls[source.target] > 1:
+            continue  # a convolution called at several places must stay as it is
         parent, _, name = source.target.rpartition(".")
         setattr(traced.get_submodule(parent) if parent else traced, name, fuse_conv_bn_eval(conv, norm))
         node.replace_all_uses_with(source)

@@ -231,8 +231,14 @@ def running_server(
 # ---- waiting ------------------------------------------------------------------------------
 
 
-def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.25) -> T:
-    """Call ``check`` until it returns something truthy; fail saying ``what`` did not happen."""
+def wait_until(check: Callable[[], T], *, timeout: float, what: str, page: Any = None, interval: float = 0.25) -> T:
+    """Call ``check`` until it returns something truthy; fail saying ``what`` did not happen.
+
+    Give the ``page`` whenever one is open: Playwright's sync API serves the page's routed
+    requests (every request goes through :meth:`PageWatch._route`) and its events only
+    while Python is inside a Playwright call, so the pause between checks must be one
+    (``page.wait_for_timeout``); a plain sleep would hold every request of the page.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -240,7 +246,10 @@ def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: f
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+        if page is not None:
+            page.wait_for_timeout(interval * 1000)
+        else:
+            time.sleep(interval)
 
 
 # ---- Plotly figures in the page -----------------------------------------------------------
@@ -337,6 +346,19 @@ def screenshot(page: Any, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@contextmanager
+def screenshot_on_failure(page: Any, name: str) -> Iterator[None]:
+    """Save a screenshot ``<name>.png`` if the block raises (then re-raise)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            screenshot(page, name)
+        except Exception:  # the page may be gone; the original error matters more
+            pass
+        raise
 
 
 def save_compact_png(source: Path, target: Path, *, crop_height: int | None = None, max_bytes: int = 400_000) -> Path:

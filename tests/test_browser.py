@@ -45,6 +45,7 @@ from browser_support import (
     running_server,
     save_compact_png,
     screenshot,
+    screenshot_on_failure,
     slider,
     slider_readout,
     trace_named,
@@ -111,7 +112,7 @@ def wait_for_new_map(page: Any, previous: str, what: str, watch: PageWatch, inde
         return figure if trace_named(figure, "map")["source"] != previous else None
 
     try:
-        return wait_until(changed, timeout=UPDATE_TIMEOUT, what=f"the map to change after {what}")
+        return wait_until(changed, timeout=UPDATE_TIMEOUT, page=page, what=f"the map to change after {what}")
     except AssertionError as error:
         raise AssertionError(f"{error}; page problems so far: {watch.problems()}") from None
 
@@ -202,7 +203,7 @@ def wait_for_page(page: Any, watch: PageWatch) -> None:
         return any(t.startswith("Score-CAM for") for t in titles) and any(t.startswith("Compare") for t in titles)
 
     try:
-        wait_until(drawn, timeout=PAGE_TIMEOUT, what="the explorer's figures to render", interval=0.5)
+        wait_until(drawn, timeout=PAGE_TIMEOUT, page=page, what="the explorer's figures to render", interval=0.5)
     except AssertionError as error:
         screenshot(page, "voila-00-timeout")
         raise AssertionError(f"{error}; page problems: {watch.problems()}") from None
@@ -214,78 +215,79 @@ def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
     with chromium_browser() as browser:
         page = browser.new_page(viewport=VIEWPORT)
         watch.attach(page)
-        page.goto(app.server.url("/"), timeout=PAGE_TIMEOUT * 1000)
-        wait_for_page(page, watch)
-        deep, shallow = CACHE_LAYERS[-1], CACHE_LAYERS[0]
+        with screenshot_on_failure(page, "voila-failure"):
+            page.goto(app.server.url("/"), timeout=PAGE_TIMEOUT * 1000)
+            wait_for_page(page, watch)
+            deep, shallow = CACHE_LAYERS[-1], CACHE_LAYERS[0]
 
-        # Opens on the deepest cached layer, the top-1 class, every channel.
-        assert slider_readout(slider(page, "Layer")) == deep
-        check_map(page, app, "the first view", deep)
-        screenshot(page, "voila-01-opened")
-        opacity = slider(page, "Opacity").bounding_box()  # the last row of the map panel
-        assert opacity, "the opacity slider is not visible"
-        save_compact_png(ARTIFACTS / "voila-01-opened.png", ARTIFACTS / "explorer.png",
-                         crop_height=int(opacity["y"] + opacity["height"] + 24))
+            # Opens on the deepest cached layer, the top-1 class, every channel.
+            assert slider_readout(slider(page, "Layer")) == deep
+            check_map(page, app, "the first view", deep)
+            screenshot(page, "voila-01-opened")
+            opacity = slider(page, "Opacity").bounding_box()  # the last row of the map panel
+            assert opacity, "the opacity slider is not visible"
+            save_compact_png(ARTIFACTS / "voila-01-opened.png", ARTIFACTS / "explorer.png",
+                             crop_height=int(opacity["y"] + opacity["height"] + 24))
 
-        # 1. The layer scrubber, moved one step with the keyboard: the shallower layer.
-        previous = map_source(page)
-        layer_slider = slider(page, "Layer")
-        for _attempt in range(3):  # a key pressed before the slider is wired up is lost; press again
-            layer_slider.locator(".noUi-handle").focus()
-            page.keyboard.press("ArrowLeft")
-            try:
-                wait_until(lambda: slider_readout(layer_slider) == shallow, timeout=5, what="the layer readout")
-                break
-            except AssertionError:
-                continue
-        assert slider_readout(layer_slider) == shallow, "the layer scrubber did not move"
-        wait_for_new_map(page, previous, "moving the layer scrubber", watch)
-        check_map(page, app, "after the layer scrubber", shallow)
-        n_channels = int(app.cache[shallow].sizes["channel"])
-        screenshot(page, "voila-02-layer")
-        check_figures_follow(page, shallow, n_channels, "after the layer scrubber", watch)
+            # 1. The layer scrubber, moved one step with the keyboard: the shallower layer.
+            previous = map_source(page)
+            layer_slider = slider(page, "Layer")
+            for _attempt in range(3):  # a key pressed before the slider is wired up is lost; press again
+                layer_slider.locator(".noUi-handle").focus()
+                page.keyboard.press("ArrowLeft")
+                try:
+                    wait_until(lambda: slider_readout(layer_slider) == shallow, timeout=5, page=page, what="the layer readout")
+                    break
+                except AssertionError:
+                    continue
+            assert slider_readout(layer_slider) == shallow, "the layer scrubber did not move"
+            wait_for_new_map(page, previous, "moving the layer scrubber", watch)
+            check_map(page, app, "after the layer scrubber", shallow)
+            n_channels = int(app.cache[shallow].sizes["channel"])
+            screenshot(page, "voila-02-layer")
+            check_figures_follow(page, shallow, n_channels, "after the layer scrubber", watch)
 
-        # 2. The top-k slider, dragged with the mouse to about a quarter of its track.
-        previous = map_source(page)
-        top_k_slider = slider(page, "Top k")
-        drag_slider(page, top_k_slider, 0.25)
-        top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(n_channels) and text,
-                               timeout=10, what="the top-k readout to move"))
-        assert 1 <= top_k < n_channels
-        figure = wait_for_new_map(page, previous, "dragging the top-k slider", watch)
-        wait_until(lambda: f"{top_k} of {n_channels} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
-                   what=f"the map's subtitle to say {top_k} of {n_channels} channels")
-        check_map(page, app, f"after top k = {top_k}", shallow, top_k=top_k)
-        screenshot(page, "voila-03-top-k")
+            # 2. The top-k slider, dragged with the mouse to about a quarter of its track.
+            previous = map_source(page)
+            top_k_slider = slider(page, "Top k")
+            drag_slider(page, top_k_slider, 0.25)
+            top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(n_channels) and text,
+                                   timeout=10, page=page, what="the top-k readout to move"))
+            assert 1 <= top_k < n_channels
+            figure = wait_for_new_map(page, previous, "dragging the top-k slider", watch)
+            wait_until(lambda: f"{top_k} of {n_channels} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
+                       page=page, what=f"the map's subtitle to say {top_k} of {n_channels} channels")
+            check_map(page, app, f"after top k = {top_k}", shallow, top_k=top_k)
+            screenshot(page, "voila-03-top-k")
 
-        # 3. A click on the heaviest channel's bar, in "switch it off / on" mode.
-        page.get_by_role("button", name="switch it off / on").click()
-        chart = check_figures_follow(page, shallow, n_channels, "before clicking a bar", watch)
-        bar_channels = decode_typed_array(chart["traces"][0]["customdata"])[:, 0].astype(int)  # channel of each bar
-        clicked = int(bar_channels[0])
-        previous = map_source(page)
-        bar = page.locator(".js-plotly-plot").filter(
-            has=page.locator(".gtitle", has_text="Channel weights")
-        ).locator(".barlayer .point").first
-        bar.scroll_into_view_if_needed()
-        box = bar.bounding_box()
-        assert box, "the first bar is not visible"
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.75)
-        off_field = page.locator(".widget-text").filter(has=page.locator(".widget-label", has_text="Off")).locator("input")
-        wait_until(lambda: off_field.input_value().strip() != "", timeout=UPDATE_TIMEOUT,
-                   what="the clicked channel to be switched off")
-        assert off_field.input_value().strip() == str(clicked), (
-            f"the bar drawn first is channel {clicked}, but the explorer switched off {off_field.input_value()!r}"
-        )
-        wait_for_new_map(page, previous, f"switching off channel {clicked}", watch)
-        keep = np.ones(n_channels, dtype=bool)
-        keep[clicked] = False
-        wait_until(lambda: "1 switched off" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
-                   what="the map's subtitle to say 1 switched off")
-        check_map(page, app, f"after switching off channel {clicked}", shallow, channels=keep, top_k=top_k)
-        screenshot(page, "voila-04-channel-off")
+            # 3. A click on the heaviest channel's bar, in "switch it off / on" mode.
+            page.get_by_role("button", name="switch it off / on").click()
+            chart = check_figures_follow(page, shallow, n_channels, "before clicking a bar", watch)
+            bar_channels = decode_typed_array(chart["traces"][0]["customdata"])[:, 0].astype(int)  # channel of each bar
+            clicked = int(bar_channels[0])
+            previous = map_source(page)
+            bar = page.locator(".js-plotly-plot").filter(
+                has=page.locator(".gtitle", has_text="Channel weights")
+            ).locator(".barlayer .point").first
+            bar.scroll_into_view_if_needed()
+            box = bar.bounding_box()
+            assert box, "the first bar is not visible"
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.75)
+            off_field = page.locator(".widget-text").filter(has=page.locator(".widget-label", has_text="Off")).locator("input")
+            wait_until(lambda: off_field.input_value().strip() != "", timeout=UPDATE_TIMEOUT,
+                       page=page, what="the clicked channel to be switched off")
+            assert off_field.input_value().strip() == str(clicked), (
+                f"the bar drawn first is channel {clicked}, but the explorer switched off {off_field.input_value()!r}"
+            )
+            wait_for_new_map(page, previous, f"switching off channel {clicked}", watch)
+            keep = np.ones(n_channels, dtype=bool)
+            keep[clicked] = False
+            wait_until(lambda: "1 switched off" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
+                       page=page, what="the map's subtitle to say 1 switched off")
+            check_map(page, app, f"after switching off channel {clicked}", shallow, channels=keep, top_k=top_k)
+            screenshot(page, "voila-04-channel-off")
 
-        watch.assert_clean("the explorer app")
+            watch.assert_clean("the explorer app")
     assert not [url for url in watch.blocked if "127.0.0.1" in url]
 
 
@@ -360,67 +362,78 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
     ) as server, chromium_browser() as browser:
         page = browser.new_page(viewport=LAB_VIEWPORT)
         watch.attach(page)
-        page.goto(server.url(f"/lab/tree/{copy.name}"), timeout=PAGE_TIMEOUT * 1000)
-        page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
-        wait_until(lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0,
-                   timeout=PAGE_TIMEOUT, what="the kernel to start")
+        with screenshot_on_failure(page, "lab-failure"):
+            page.goto(server.url(f"/lab/tree/{copy.name}"), timeout=PAGE_TIMEOUT * 1000)
+            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
+            wait_until(lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0,
+                       timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
 
-        # Run All from the Run menu. Lab activates its plugins for a while after the page shows;
-        # a Run All chosen before the notebook's session is ready does nothing, so choose it again
-        # until a cell starts (never after one has).
-        for _attempt in range(4):
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            # Run All from the Run menu. Lab activates its plugins for a while after the page shows;
+            # a Run All chosen before the notebook's session is ready does nothing, so choose it again
+            # until a cell starts (never after one has).
+            for _attempt in range(4):
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+                try:
+                    wait_until(lambda: any(p != "[ ]:" for p in cell_prompts(page)), timeout=20, page=page, what="a cell to start")
+                    break
+                except AssertionError:
+                    page.keyboard.press("Escape")
+            assert any(p != "[ ]:" for p in cell_prompts(page)), "Run All did not start the notebook"
+
+            def finished() -> bool:
+                prompts = cell_prompts(page)
+                return len(prompts) == n_code_cells and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
+
             try:
-                wait_until(lambda: any(p != "[ ]:" for p in cell_prompts(page)), timeout=20, what="a cell to start")
-                break
-            except AssertionError:
-                page.keyboard.press("Escape")
-        assert any(p != "[ ]:" for p in cell_prompts(page)), "Run All did not start the notebook"
+                wait_until(finished, timeout=NOTEBOOK_TIMEOUT, page=page, what="Run All to finish", interval=1.0)
+            except AssertionError as error:
+                screenshot(page, "lab-00-timeout")
+                raise AssertionError(f"{error}; prompts: {cell_prompts(page)}; page problems: {watch.problems()}") from None
 
-        def finished() -> bool:
-            prompts = cell_prompts(page)
-            return len(prompts) == n_code_cells and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
+            # Save (File > Save Notebook) and read the executed notebook back: every cell ran, none failed.
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^File$")).click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save Notebook$")).click()
 
-        try:
-            wait_until(finished, timeout=NOTEBOOK_TIMEOUT, what="Run All to finish", interval=1.0)
-        except AssertionError as error:
-            screenshot(page, "lab-00-timeout")
-            raise AssertionError(f"{error}; prompts: {cell_prompts(page)}; page problems: {watch.problems()}") from None
+            def saved() -> nbformat.NotebookNode | None:
+                notebook = nbformat.read(copy, as_version=4)
+                ran = all(c.execution_count is not None for c in notebook.cells if c.cell_type == "code")
+                return notebook if ran else None
 
-        # Save (Ctrl+S) and read the executed notebook back: every cell ran, none failed.
-        page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
-        page.keyboard.press("Control+s")
+            executed = wait_until(saved, timeout=PAGE_TIMEOUT, page=page, what="the executed notebook to be saved")
+            errors = [
+                f"{output.get('ename')}: {output.get('evalue')}"
+                for cell in executed.cells if cell.cell_type == "code"
+                for output in cell.outputs if output.output_type == "error"
+            ]
+            assert not errors, f"cells failed in JupyterLab: {errors}"
 
-        def saved() -> nbformat.NotebookNode | None:
-            notebook = nbformat.read(copy, as_version=4)
-            ran = all(c.execution_count is not None for c in notebook.cells if c.cell_type == "code")
-            return notebook if ran else None
+            # The explorer rendered: the page's first figure is the first explorer's map (default
+            # model, deepest cached layer 'head'), drawn with its title and picture.
+            def first_map() -> dict[str, Any] | None:
+                drawn = figures(page)
+                return drawn[0] if drawn and drawn[0]["title"].startswith("Score-CAM for") else None
 
-        executed = wait_until(saved, timeout=60, what="the executed notebook to be saved")
-        errors = [
-            f"{output.get('ename')}: {output.get('evalue')}"
-            for cell in executed.cells if cell.cell_type == "code"
-            for output in cell.outputs if output.output_type == "error"
-        ]
-        assert not errors, f"cells failed in JupyterLab: {errors}"
+            try:
+                first = wait_until(first_map, timeout=UPDATE_TIMEOUT, page=page, what="the first explorer's map to be drawn")
+            except AssertionError as error:
+                raise AssertionError(
+                    f"{error}; figures in the page: {[(f['title'], len(f['traces'])) for f in figures(page)]}; "
+                    f"page problems: {watch.problems()}"
+                ) from None
+            assert "· head ·" in first["title"], f"the first explorer opens on {first['title']!r}, not on head"
+            top_k_slider = slider(page, "Top k", 0)
+            total = int(slider_readout(top_k_slider))
+            assert total == 1280, f"the first explorer's top-k slider reads {total}; head has 1280 channels"
+            screenshot(page, "lab-01-executed")
 
-        # The explorer rendered: the first one (default model, deepest layer 'head').
-        wait_until(lambda: figures_titled(page, "Score-CAM for"), timeout=PAGE_TIMEOUT, what="the explorer's map")
-        first = map_figure(page)
-        assert "· head ·" in first["title"], f"the first explorer opens on {first['title']!r}, not on head"
-        top_k_slider = slider(page, "Top k", 0)
-        total = int(slider_readout(top_k_slider))
-        assert total == 1280, f"the first explorer's top-k slider reads {total}; head has 1280 channels"
-        screenshot(page, "lab-01-executed")
-
-        # ... and responds: drag its top-k slider, the map changes and says how many channels it keeps.
-        previous = map_source(page)
-        drag_slider(page, top_k_slider, 0.1)
-        top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(total) and text,
-                               timeout=10, what="the top-k readout to move"))
-        wait_for_new_map(page, previous, "dragging the top-k slider in JupyterLab", watch)
-        wait_until(lambda: f"{top_k} of {total} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
-                   what=f"the map's subtitle to say {top_k} of {total} channels")
-        screenshot(page, "lab-02-top-k")
-        watch.assert_clean("the quickstart notebook in JupyterLab")
+            # ... and responds: drag its top-k slider, the map changes and says how many channels it keeps.
+            previous = map_source(page)
+            drag_slider(page, top_k_slider, 0.1)
+            top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(total) and text,
+                                   timeout=10, page=page, what="the top-k readout to move"))
+            wait_for_new_map(page, previous, "dragging the top-k slider in JupyterLab", watch)
+            wait_until(lambda: f"{top_k} of {total} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
+                       page=page, what=f"the map's subtitle to say {top_k} of {total} channels")
+            screenshot(page, "lab-02-top-k")
+            watch.assert_clean("the quickstart notebook in JupyterLab")

@@ -78,3 +78,19 @@ def test_default_model_predicts_the_bundled_photos(default_model) -> None:
 
     assert 281 <= predict(default_model, "sample:chelsea")[0].index <= 285
     assert predict(default_model, "sample:coffee")[0].index in (967, 968)
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`map` and the help read caches only: the CLI must start where torch is not installed."""
+    from scorecam_explorer.commands._common import DEFAULT_MODEL
+    from scorecam_explorer.models import DEFAULT_MODEL as MODELS_DEFAULT
+
+    assert DEFAULT_MODEL == MODELS_DEFAULT
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "from scorecam_explorer.cli import main\n"
+        "try:\n    main(['map', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--preset" in result.stdout

@@ -256,7 +256,7 @@ def test_measured_plan_is_one_of_the_candidates_and_remembered(tiny):
     finally:
         handle.remove()
     candidates = runtime.candidate_plans(torch.device("cpu"))
-    assert len(candidates) == 4 and Plan(16, 1) in candidates
+    assert len(candidates) == 6 and Plan(16, 1) in candidates and Plan(32, 2) in candidates
     chosen = list(runtime._CHOSEN_PLANS.values())
     assert len(chosen) == 1 and chosen[0] in candidates
     assert torch.get_num_threads() == 2  # restored whatever plan won

@@ -319,3 +319,65 @@ def test_channels_last_changes_no_more_than_rounding(tiny_with_dead, inputs):
     plain, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4")
     last, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4", channels_last=True)
     torch.testing.assert_close(last.masked_logits, plain.masked_logits, rtol=1e-5, atol=1e-5)
+
+
+def drive(planner: Planner, per_image_seconds) -> list[Plan]:
+    """Feed a planner synthetic timings until it chooses; returns the plans it tried."""
+    tried = []
+    while planner.chosen is None and len(tried) < 50:
+        plan = planner.next_plan()
+        if planner.chosen is not None:
+            break
+        tried.append(plan)
+        planner.record(plan, per_image_seconds(plan) * plan.batch_size, plan.batch_size)
+    return tried
+
+
+def test_planner_picks_threads_then_batch_size_and_prunes_slow_plans():
+    from scorecam_explorer import runtime
+
+    runtime.forget_plans()
+    candidates = [Plan(size, threads) for threads in (2, 1) for size in (16, 8, 32)]
+    costs = {Plan(16, 2): 0.030, Plan(16, 1): 0.010, Plan(8, 1): 0.012, Plan(32, 1): 0.009,
+             Plan(8, 2): 0.031, Plan(32, 2): 0.029}
+    planner = Planner(key=("synthetic",), candidates=candidates, threads_key=("model",))
+    tried = drive(planner, costs.__getitem__)
+    assert planner.chosen == Plan(32, 1)
+    assert runtime.remembered_threads(("model",)) == 1
+    # the slow two-thread plan is timed once, not twice; no two-thread plan of another size is tried
+    assert tried.count(Plan(16, 2)) == 1
+    assert {plan for plan in tried if plan.threads == 2} == {Plan(16, 2)}
+    assert tried.count(Plan(16, 1)) == 2 and tried.count(Plan(32, 1)) == 2
+    # remembered: a new planner with the same key measures nothing
+    assert Planner(key=("synthetic",), candidates=candidates).next_plan() == Plan(32, 1)
+    runtime.forget_plans()
+    assert runtime.remembered_threads(("model",)) is None
+
+
+def test_planner_ignores_short_batches_and_single_candidates():
+    planner = Planner(key=("short",), candidates=[Plan(16, 1), Plan(16, 2)])
+    for _ in range(10):
+        plan = planner.next_plan()
+        planner.record(plan, 0.1, plan.batch_size - 1)  # every batch short: nothing learnt
+    assert planner.chosen is None
+    assert Planner(key=("single",), candidates=[Plan(5)]).chosen == Plan(5)
+
+
+def test_allocator_tuning_is_idempotent_on_glibc():
+    import platform
+
+    from scorecam_explorer import runtime
+
+    first = runtime.tune_allocator()
+    assert runtime.tune_allocator() == first
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first and runtime.allocator_tuned()
+
+
+def test_device_names():
+    from scorecam_explorer.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ScorecamError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")

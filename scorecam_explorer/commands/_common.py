@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from scorecam_explorer.models import DEFAULT_MODEL, LoadedModel
+if TYPE_CHECKING:  # the models import torch; commands that read a cache must start without it
+    from scorecam_explorer.models import LoadedModel
+
+# Kept equal to scorecam_explorer.models.DEFAULT_MODEL (a test checks it).
+DEFAULT_MODEL = "efficientnet_lite0"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
