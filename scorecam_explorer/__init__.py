@@ -44,6 +44,14 @@ _EXPORTS: dict[str, str] = {
     # baselines and evaluation
     "gradcam": "scorecam_explorer.baselines",
     "gradcam_pp": "scorecam_explorer.baselines",
+    "evaluate": "scorecam_explorer.evaluation",
+    "average_drop_increase": "scorecam_explorer.metrics",
+    "deletion": "scorecam_explorer.metrics",
+    "insertion": "scorecam_explorer.metrics",
+    "deletion_insertion": "scorecam_explorer.metrics",
+    "energy_pointing_game": "scorecam_explorer.metrics",
+    "topk_fidelity": "scorecam_explorer.metrics",
+    "sanity_check": "scorecam_explorer.metrics",
     # many images on a Dask cluster
     "compute_dataset": "scorecam_explorer.distributed",
     "open_dataset": "scorecam_explorer.distributed",

@@ -366,7 +366,7 @@ def voila_command(notebook: Path, port: int, host: str = HOST) -> list[str]:
         f"--Voila.ip={host}",
         "--no-browser",
         "--theme=light",
-        f"--VoilaConfiguration.extension_denylist={json.dumps(_VOILA_EXTENSION_DENYLIST)}",
+        *(f"--VoilaConfiguration.extension_denylist={name}" for name in _VOILA_EXTENSION_DENYLIST),
         "--VoilaConfiguration.show_tracebacks=True",
     ]
 
@@ -422,7 +422,11 @@ def serve(
         env = app_environment(
             cache_path, model_name=model_name, weights=weights, jupyter_dir=write_kernel_spec(Path(scratch))
         )
-        process = subprocess.Popen(voila_command(notebook_path(), port), env=env)
+        process = subprocess.Popen(
+            voila_command(notebook_path(), port),
+            env=env,
+            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
         try:
             if not wait_until_serving(static_url(port), process, startup_timeout):
                 if process.poll() is None:
@@ -438,6 +442,16 @@ def serve(
             return 0
         finally:
             _stop(process)
+
+
+def _stop_with_parent() -> None:
+    """In the Voila child on Linux: get SIGTERM when the command exits, however it exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ the page may talk to 127.0.0.1 only.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import os
 import signal
@@ -60,9 +61,7 @@ def require_chromium() -> Path:
             f"the browser tests need Debian's Chromium at {CHROMIUM}, which is missing: run `{INSTALL_HINT}` "
             "(never `playwright install`)."
         )
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         pytest.fail('the browser tests need Playwright\'s Python package: pip install -e ".[test]"')
     return CHROMIUM
 

@@ -52,21 +52,38 @@ from browser_support import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.browser
 
 CACHE_LAYERS = ["blocks.3", "blocks.5"]  # 40 and 80 channels: seconds to compute, wide bars to click
 PICTURE = "sample:chelsea"
 COLORMAP = "jet"  # the explorer's default colour map
 PRESET = "paper"  # and its default preset
-VIEWPORT = {"width": 1000, "height": 2700}  # Voila's page scrolls inside, so show it all at once
+VIEWPORT = {"width": 1000, "height": 3000}  # Voila's page scrolls inside, so show it all at once
 PAGE_TIMEOUT = 180.0  # first render: kernel start, cache load, six figures (seconds)
 UPDATE_TIMEOUT = 60.0  # one interaction reaching the plot
+
+
+# ---- the browser is there -----------------------------------------------------------------
+
+
+def test_chromium_is_installed() -> None:
+    """Fails (never skips) when Debian's Chromium is missing, saying how to install it."""
+    require_chromium()
+
+
+def test_missing_chromium_fails_with_the_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import browser_support
+
+    monkeypatch.setattr(browser_support, "CHROMIUM", tmp_path / "no-chromium")
+    with pytest.raises(pytest.fail.Exception, match=r"bash scripts/install-browser\.sh"):
+        browser_support.require_chromium()
 
 
 # ---- the expected map -------------------------------------------------------------------
 
 
-def jet_table() -> np.ndarray:
+def colour_table() -> np.ndarray:
+    """The explorer's colour table (256 RGB entries) for map values 0..1."""
     from scorecam_explorer.colormaps import colormap_table
 
     return colormap_table(COLORMAP)
@@ -81,7 +98,7 @@ def assert_pixels_show_map(pixels: np.ndarray, expected: xr.DataArray, what: str
     values = np.asarray(expected.values, dtype=np.float64)
     assert np.isfinite(values).all(), f"{what}: the library's map holds NaN or inf"
     assert pixels.shape == (*values.shape, 3), f"{what}: the page draws {pixels.shape}, the map is {values.shape}"
-    table = jet_table()
+    table = colour_table()
     index = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.intp)
     exact = (pixels == table[index]).all(axis=-1)
     close = exact.copy()
@@ -89,7 +106,7 @@ def assert_pixels_show_map(pixels: np.ndarray, expected: xr.DataArray, what: str
         close |= (pixels == table[np.clip(index + step, 0, 255)]).all(axis=-1)
     assert close.all(), (
         f"{what}: {int((~close).sum())} of {close.size} pixels of the page's map are not the library's map "
-        f"(first at {tuple(np.argwhere(~close)[0])})"
+        f"(first at row, column {tuple(int(v) for v in np.argwhere(~close)[0])})"
     )
     assert exact.mean() > 0.99, f"{what}: only {exact.mean():.1%} of the pixels match exactly"
 
@@ -178,21 +195,30 @@ def check_map(page: Any, app: AppUnderTest, what: str, layer: str, **options: An
 
 
 def check_figures_follow(page: Any, layer: str, channels: int, what: str, watch: PageWatch) -> dict[str, Any]:
-    """Every panel shows ``layer``: the channel chart (one bar per channel), the inspector, the curve."""
-    bars = figures_titled(page, "Channel weights")
-    assert len(bars) == 1, f"{what}: expected one channel chart, found {len(bars)}"
-    chart = bars[0]
-    problems = watch.problems()
-    assert chart["title"].endswith(f"· {layer}"), (
-        f"{what}: the channel chart still shows {chart['title']!r} while the map shows {layer}: that figure "
-        f"widget does not receive updates in the browser. Page problems: {problems}"
+    """Every panel shows ``layer``: the channel chart (one bar per channel), the channel
+    inspector, the fidelity curve and Compare. Returns the channel chart."""
+    drawn = figures(page)
+
+    def titled(prefix: str) -> list[dict[str, Any]]:
+        return [figure for figure in drawn if figure["title"].startswith(prefix)]
+
+    bars, detail = titled("Channel weights"), titled("Channel ")
+    curve, compare = titled("Fidelity of the top-k map"), titled("Compare")
+    assert len(bars) == len(curve) == len(compare) == 1, f"{what}: figures in the page: {[f['title'] for f in drawn]}"
+    stale = []
+    if not bars[0]["title"].endswith(f"· {layer}") or len(bars[0]["traces"][0]["x"]) != channels:
+        stale.append(f"channel chart ({bars[0]['title']!r}, {len(bars[0]['traces'][0]['x'])} bars)")
+    if not any(figure["title"].endswith(f"of {layer}") for figure in detail):
+        stale.append(f"channel inspector ({[f['title'] for f in detail if not f['title'].startswith('Channel weights')]})")
+    if f"{layer} ·" not in curve[0]["text"]:
+        stale.append("fidelity curve")
+    if f"· {layer}" not in compare[0]["text"]:
+        stale.append("compare")
+    assert not stale, (
+        f"{what}: the map shows {layer}, but these figures in the page still show another state: "
+        f"{'; '.join(stale)}. Their widgets do not receive updates in the browser. Page problems: {watch.problems()}"
     )
-    assert len(chart["traces"][0]["x"]) == channels, f"{what}: {len(chart['traces'][0]['x'])} bars for {channels} channels"
-    detail = figures_titled(page, "Channel ")
-    assert any(f"of {layer}" in figure["title"] for figure in detail), f"{what}: the channel inspector does not show {layer}"
-    curve = figures_titled(page, "Fidelity of the top-k map")
-    assert curve and f"{layer} ·" in curve[0]["text"], f"{what}: the fidelity curve does not show {layer}"
-    return chart
+    return bars[0]
 
 
 def wait_for_page(page: Any, watch: PageWatch) -> None:
@@ -210,6 +236,7 @@ def wait_for_page(page: Any, watch: PageWatch) -> None:
     slider(page, "Layer").wait_for(state="visible", timeout=PAGE_TIMEOUT * 1000)
 
 
+@pytest.mark.slow
 def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
     watch = PageWatch()
     with chromium_browser() as browser:
@@ -254,7 +281,7 @@ def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
             top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(n_channels) and text,
                                    timeout=10, page=page, what="the top-k readout to move"))
             assert 1 <= top_k < n_channels
-            figure = wait_for_new_map(page, previous, "dragging the top-k slider", watch)
+            wait_for_new_map(page, previous, "dragging the top-k slider", watch)
             wait_until(lambda: f"{top_k} of {n_channels} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
                        page=page, what=f"the map's subtitle to say {top_k} of {n_channels} channels")
             check_map(page, app, f"after top k = {top_k}", shallow, top_k=top_k)
@@ -288,7 +315,6 @@ def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
             screenshot(page, "voila-04-channel-off")
 
             watch.assert_clean("the explorer app")
-    assert not [url for url in watch.blocked if "127.0.0.1" in url]
 
 
 # ---- JupyterLab: the quickstart notebook ---------------------------------------------------
@@ -342,10 +368,25 @@ def lab_command(port: int, notebook_dir: Path) -> list[str]:
     ]
 
 
+def kernel_idle(page: Any) -> bool:
+    """The notebook's kernel is connected and idle (status bar: 'Python 3 | Idle')."""
+    return (
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
+        and any("Idle" in text for text in page.locator(".jp-StatusBar-Widget").all_inner_texts())
+    )
+
+
+def dialog_text(page: Any) -> str:
+    """The text of an open JupyterLab dialog ('' when none)."""
+    dialogs = page.locator(".jp-Dialog")
+    return " ".join(dialogs.all_inner_texts()).strip() if dialogs.count() else ""
+
+
 def cell_prompts(page: Any) -> list[str]:
     return [text.strip() for text in page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").all_inner_texts()]
 
 
+@pytest.mark.slow
 def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
     require_chromium()
     notebook_dir = tmp_path / "notebooks"
@@ -365,23 +406,25 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
         with screenshot_on_failure(page, "lab-failure"):
             page.goto(server.url(f"/lab/tree/{copy.name}"), timeout=PAGE_TIMEOUT * 1000)
             page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
-            wait_until(lambda: page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0,
-                       timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
+            wait_until(lambda: kernel_idle(page), timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
 
             # Run All from the Run menu. Lab activates its plugins for a while after the page shows;
             # a Run All chosen before the notebook's session is ready does nothing, so choose it again
-            # until a cell starts (never after one has).
+            # until a cell starts (never after one has). A dialog instead is a failure: say what it says.
             for _attempt in range(4):
                 page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
                 page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
                 try:
-                    wait_until(lambda: any(p != "[ ]:" for p in cell_prompts(page)), timeout=20, page=page, what="a cell to start")
+                    wait_until(lambda: any(p != "[ ]:" for p in cell_prompts(page)) or dialog_text(page),
+                               timeout=20, page=page, what="a cell to start")
                     break
                 except AssertionError:
-                    page.keyboard.press("Escape")
+                    continue
+            assert not dialog_text(page), f"JupyterLab shows a dialog: {dialog_text(page)!r}"
             assert any(p != "[ ]:" for p in cell_prompts(page)), "Run All did not start the notebook"
 
             def finished() -> bool:
+                assert not dialog_text(page), f"JupyterLab shows a dialog while running: {dialog_text(page)!r}"
                 prompts = cell_prompts(page)
                 return len(prompts) == n_code_cells and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
 

@@ -94,3 +94,10 @@ def test_the_command_line_starts_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--preset" in result.stdout
+
+
+def test_compute_command_offers_the_engines_precisions() -> None:
+    from scorecam_explorer.commands.compute import PRECISIONS as OFFERED
+    from scorecam_explorer.runtime import PRECISIONS
+
+    assert OFFERED == PRECISIONS

@@ -315,6 +315,30 @@ def test_a_fold_that_changes_the_model_is_not_used(x):
     assert runtime.folded_batchnorm(model, ("any key",)) is None  # rejected once, never folded again
 
 
+def test_folding_leaves_a_convolution_used_twice_alone(x):
+    class SharedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.first, self.second = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+            self.last, self.last_norm = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, inputs):
+            features = torch.relu(self.second(self.conv(torch.relu(self.first(self.conv(inputs))))))
+            return self.head(self.last_norm(self.last(features)).mean(dim=(2, 3)))
+
+    model = SharedConv().eval()
+    with torch.no_grad():
+        model.first.running_mean.fill_(0.5)
+        model.second.running_var.fill_(3.0)
+    folded = runtime._fold(model)
+    assert isinstance(folded.last_norm, nn.BatchNorm2d) and isinstance(folded.first, nn.BatchNorm2d)
+    assert "last_norm" not in folded.code and "first" in folded.code  # only the unshared pair folded
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_allocator_tuning_changes_no_result(tiny, x):
     before = compute_cache(tiny, x, "features.4", progress=False, tune_allocator=False)
     after = compute_cache(tiny, x, "features.4", progress=False, tune_allocator=True)

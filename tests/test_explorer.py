@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 import torch
 import xarray as xr
@@ -22,8 +23,9 @@ from scorecam_explorer.conventions import MASK_CONVENTIONS
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer import Explorer
-from scorecam_explorer.explorer import analysis
+from scorecam_explorer.explorer import analysis, panel
 from scorecam_explorer.explorer.model_link import merge_layers
+from scorecam_explorer.explorer.plotly_loader import FigureWidget, PlotlyBundle, _bundle_text
 from scorecam_explorer.explorer.recomposer_panel import parse_channels
 from scorecam_explorer.explorer.state import ExplorerState, kept_channels
 from scorecam_explorer.figures import decode_image_uri
@@ -493,3 +495,27 @@ def test_top_predictions_are_softmax_of_the_logits(cache) -> None:
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     assert list(top["class"].values) == list(np.argsort(-probabilities)[:3])
     assert np.allclose(top.values, np.sort(probabilities)[::-1][:3])
+
+
+# ---- plotly.js once per page --------------------------------------------------------------
+
+
+def test_figures_share_one_plotly_bundle(explorer) -> None:
+    assert isinstance(explorer.widget.children[0], PlotlyBundle)
+    assert explorer.plotly._bundle == _bundle_text() and len(explorer.plotly._bundle) > 1_000_000
+    for live in figures_of(explorer).values():
+        assert isinstance(live.widget, FigureWidget) and isinstance(live.widget, go.FigureWidget)
+        assert len(live.widget._esm) < 5_000  # a loader, not a copy of plotly.js per figure
+
+
+def test_a_figure_not_yet_drawn_gets_its_whole_state(explorer, monkeypatch) -> None:
+    monkeypatch.setattr(panel, "has_front_end", lambda widget: True)
+    live = explorer.map.figure
+    explorer.controls.target.value = 6
+    assert "class 6" in live.widget._widget_layout["title"]["text"]  # the state a late view is drawn from
+    assert live.widget._widget_data[1]["source"] == live.widget.data[1].source
+    live.widget._js2py_layoutDelta = {"layout_delta": {}, "layout_edit_id": 1}  # the browser drew it
+    assert live.drawn
+    explorer.controls.target.value = 7
+    assert "class 6" in live.widget._widget_layout["title"]["text"]  # deltas only from now on
+    assert "class 7" in live.widget.layout.title.text

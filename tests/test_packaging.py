@@ -68,3 +68,10 @@ def test_importing_the_package_imports_no_torch() -> None:
     code = "import sys; import scorecam_explorer; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_every_public_name_resolves() -> None:
+    import scorecam_explorer
+
+    for name in scorecam_explorer.__all__:
+        assert getattr(scorecam_explorer, name) is not None, name

@@ -6,7 +6,8 @@ import argparse
 
 from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
-from scorecam_explorer.runtime import PRECISIONS
+# The precisions of scorecam_explorer.runtime.PRECISIONS, named here so that this module needs no torch.
+PRECISIONS = ("float32", "bfloat16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -26,6 +26,7 @@ from scorecam_explorer.explorer.compare_panel import ComparePanel
 from scorecam_explorer.explorer.controls import Controls
 from scorecam_explorer.explorer.map_panel import MapPanel
 from scorecam_explorer.explorer.model_link import ModelLink, ModelSource
+from scorecam_explorer.explorer.plotly_loader import PlotlyBundle
 from scorecam_explorer.explorer.recomposer_panel import RecomposerPanel
 from scorecam_explorer.explorer.state import ExplorerState
 
@@ -68,6 +69,8 @@ class Explorer:
         preset: str = "paper",
         image: int = 0,
     ) -> None:
+        # First, so that plotly.js starts loading in the browser before any figure needs it.
+        self.plotly = PlotlyBundle()
         self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image)
         self.model = ModelLink(model, cache.attrs.get("weights_fingerprint"))
         self.state.warm_up()
@@ -129,6 +132,7 @@ class Explorer:
         )
         return widgets.VBox(
             [
+                self.plotly,
                 title,
                 self.controls.widget,
                 widgets.HBox(

@@ -10,10 +10,10 @@ from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
-import plotly.graph_objects as go
 from plotly.basedatatypes import Undefined
 
 from scorecam_explorer.errors import ScorecamError
+from scorecam_explorer.explorer.plotly_loader import FigureWidget, has_front_end, sync_full_state
 from scorecam_explorer.explorer.state import ExplorerState
 
 Spec = dict[str, Any]
@@ -75,8 +75,15 @@ class LiveFigure:
     """
 
     def __init__(self, spec: Spec) -> None:
-        self.widget = go.FigureWidget(spec)
+        self.widget = FigureWidget(spec)
         self.spec = spec
+        # True once the browser has drawn the figure (Plotly reports its layout back).
+        self.drawn = False
+        self.widget.observe(self._on_layout_delta, names="_js2py_layoutDelta")
+
+    def _on_layout_delta(self, change: dict) -> None:
+        if change["new"] is not None:
+            self.drawn = True
 
     def show(self, spec: Spec) -> None:
         """Make the widget show ``spec``."""
@@ -88,6 +95,8 @@ class LiveFigure:
                 self.widget.add_traces(new_traces)
                 self.widget.layout = spec["layout"]
             self.spec = spec
+            if not self.drawn and has_front_end(self.widget):
+                sync_full_state(self.widget)
             return
         trace_changes = [spec_changes(a, b) for a, b in zip(old_traces, new_traces)]
         layout_changes = spec_changes(self.spec["layout"], spec["layout"])
@@ -102,6 +111,9 @@ class LiveFigure:
         self.widget.plotly_update(
             restyle_data=restyle, relayout_data=layout_changes, trace_indexes=list(range(len(new_traces)))
         )
+        if not self.drawn and has_front_end(self.widget):
+            # A view drawn later starts from this state, so it misses none of the updates.
+            sync_full_state(self.widget)
 
 
 def message_html(text: str, kind: str = "error") -> str:
