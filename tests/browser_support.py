@@ -80,12 +80,22 @@ def chromium_browser() -> Iterator[Any]:
             browser.close()
 
 
+KNOWN_OUTSIDE_REQUESTS = ("https://cdn.jsdelivr.net/npm/@fortawesome/fontawesome-free@",)
+"""Outside requests a page may attempt (they are blocked): Voila's template links this icon
+font's stylesheets; offline, icons fall back to the bundled ones."""
+
+
+def _known_outside(url: str) -> bool:
+    return url.startswith(KNOWN_OUTSIDE_REQUESTS)
+
+
 @dataclass
 class PageWatch:
     """Everything a page did wrong: uncaught errors, console errors, outside requests.
 
-    The only console error counted as harmless is the failed load of a request this watch
-    blocked itself (Voila's template asks a CDN for an icon font).
+    Every request that is not to 127.0.0.1 or localhost is blocked. The only ones allowed to
+    be attempted are :data:`KNOWN_OUTSIDE_REQUESTS` (Voila's template asks a CDN for an icon
+    font), and the console error of their failed load is the only harmless one.
     """
 
     page_errors: list[str] = field(default_factory=list)
@@ -114,9 +124,10 @@ class PageWatch:
     def problems(self) -> list[str]:
         """The errors that are not known to be harmless, one line each."""
         found = [f"page error: {text}" for text in self.page_errors]
+        found += [f"request outside 127.0.0.1 (blocked): {url}" for url in self.blocked if not _known_outside(url)]
         for text, url in self.console_errors:
-            if text.startswith("Failed to load resource") and url in self.blocked:
-                continue  # a request we blocked on purpose
+            if text.startswith("Failed to load resource") and url in self.blocked and _known_outside(url):
+                continue
             found.append(f"console error: {text} ({url})" if url else f"console error: {text}")
         return found
 
@@ -349,7 +360,9 @@ def screenshot(page: Any, name: str) -> Path:
 
 @contextmanager
 def screenshot_on_failure(page: Any, name: str) -> Iterator[None]:
-    """Save a screenshot ``<name>.png`` if the block raises (then re-raise)."""
+    """Save a screenshot ``<name>.png`` if the block raises (then re-raise); one left by an
+    earlier run is removed first."""
+    (ARTIFACTS / f"{name}.png").unlink(missing_ok=True)
     try:
         yield
     except BaseException:

@@ -231,7 +231,6 @@ def wait_for_page(page: Any, watch: PageWatch) -> None:
     try:
         wait_until(drawn, timeout=PAGE_TIMEOUT, page=page, what="the explorer's figures to render", interval=0.5)
     except AssertionError as error:
-        screenshot(page, "voila-00-timeout")
         raise AssertionError(f"{error}; page problems: {watch.problems()}") from None
     slider(page, "Layer").wait_for(state="visible", timeout=PAGE_TIMEOUT * 1000)
 
@@ -409,14 +408,21 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
             wait_until(lambda: kernel_idle(page), timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
 
             # Run All from the Run menu. Lab activates its plugins for a while after the page shows;
-            # a Run All chosen before the notebook's session is ready does nothing, so choose it again
-            # until a cell starts (never after one has). A dialog instead is a failure: say what it says.
+            # a Run All chosen before the notebook's kernel is connected does nothing, or asks for a
+            # kernel (a user picks the notebook's own, Python 3, with Select). Choose it again until a
+            # cell starts (never after one has). Any other dialog is a failure: say what it says.
+            def started() -> bool:
+                text = dialog_text(page)
+                if text.startswith("Select Kernel") and all(p == "[ ]:" for p in cell_prompts(page)):
+                    page.locator(".jp-Dialog").get_by_role("button", name="Select").click()
+                    return False
+                return bool(text) or any(p != "[ ]:" for p in cell_prompts(page))
+
             for _attempt in range(4):
                 page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
                 page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
                 try:
-                    wait_until(lambda: any(p != "[ ]:" for p in cell_prompts(page)) or dialog_text(page),
-                               timeout=20, page=page, what="a cell to start")
+                    wait_until(started, timeout=20, page=page, what="a cell to start")
                     break
                 except AssertionError:
                     continue
@@ -431,7 +437,6 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
             try:
                 wait_until(finished, timeout=NOTEBOOK_TIMEOUT, page=page, what="Run All to finish", interval=1.0)
             except AssertionError as error:
-                screenshot(page, "lab-00-timeout")
                 raise AssertionError(f"{error}; prompts: {cell_prompts(page)}; page problems: {watch.problems()}") from None
 
             # Save (File > Save Notebook) and read the executed notebook back: every cell ran, none failed.
