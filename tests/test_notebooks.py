@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks() -> None:
     names = [path.stem for path in NOTEBOOKS]
-    for expected in ("02_score_cam_step_by_step", "03_per_channel_analysis", "04_conventions"):
+    for expected in ("01_quickstart", "02_score_cam_step_by_step", "03_per_channel_analysis", "04_conventions", "05_evaluation"):
         assert expected in names
 
 
