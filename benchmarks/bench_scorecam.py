@@ -8,7 +8,9 @@ in-process implementations are interleaved round by round and the median is repo
 because a shared machine's speed drifts):
 
 1. EfficientNet-Lite0 (the default model), its head activation (1280 channels), a cat photo:
-   - ours, exact (float32, every channel accounted for), ``pytorch-grad-cam`` convention;
+   - ours, exact (float32, every channel accounted for), ``pytorch-grad-cam`` convention:
+     the first call in the process (it folds the model's BatchNorms once and measures the
+     batch plan) and later calls (median);
    - pytorch-grad-cam ``ScoreCAM`` as its users run it (its defaults, in a fresh process,
      default allocator), and in this process (same allocator settings as ours);
    - torchcam ``ScoreCAM`` in this process;
@@ -16,7 +18,7 @@ because a shared machine's speed drifts):
    Agreement: Pearson r between our recomposed map and pytorch-grad-cam's map.
 2. ResNet-18 ``layer4`` (512 channels, random weights), ours against pytorch-grad-cam in
    this process.
-3. Maps for 10 classes: one ``compute_cache`` plus 10 recompositions, against
+3. Maps for 10 classes: one ``compute_cache`` (first call) plus 10 recompositions, against
    pytorch-grad-cam paying every pass again per class (10 x its measured single run).
 4. Recomposing a map from the cache (new class / preset / channel subset): median latency.
 5. The floor: (forwarded channels + 2) x one forward per image at the best batch size, in
@@ -89,8 +91,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def ours(model, inputs, layer, **options):
-    """compute_cache, measuring its batch plan afresh every time (so calibration is counted)."""
-    runtime.forget_plans()
+    """compute_cache as a user calls it: the first call in a process measures the batch plan
+    (and folds the model once), later calls reuse both."""
     return compute_cache(model, inputs, layer, progress=False, **options)
 
 
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, list[float]] = {"ours": [], "ours_bf16": [], "pgc": [], "torchcam": []}
     first_call, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")
+    first_call_bf16, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam", precision="bfloat16")
     for _ in range(repeats):
         seconds, cache = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")
         timings["ours"].append(seconds)
@@ -256,20 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     r_bf16 = pearson(our_map, bf16_map)
 
     line("channels / constant (skipped exactly) / forwarded", f"{node.sizes['channel']} / {constant} / {forwarded}")
-    line("ours, float32 exact (median of rounds)", f"{median['ours']:.2f} s  (first call in process {first_call:.2f} s)")
-    line("ours, bfloat16", f"{median['ours_bf16']:.2f} s")
+    line("ours, float32 exact: first call in the process", f"{first_call:.2f} s (folds the model, measures the plan)")
+    line("ours, float32 exact: later calls (median of rounds)", f"{median['ours']:.2f} s")
+    line("ours, bfloat16: first call / later calls", f"{first_call_bf16:.2f} s / {median['ours_bf16']:.2f} s")
     line("pytorch-grad-cam, as users run it (fresh process, defaults)", f"{pgc_user:.2f} s")
-    line("pytorch-grad-cam, this process", f"{median['pgc']:.2f} s")
-    line("torchcam, this process", f"{median['torchcam']:.2f} s")
-    line("speed-up vs pytorch-grad-cam as users run it (target >= 5)", f"{pgc_user / median['ours']:.1f}x")
+    line("pytorch-grad-cam, this process (median of rounds)", f"{median['pgc']:.2f} s")
+    line("torchcam, this process (median of rounds)", f"{median['torchcam']:.2f} s")
+    line("speed-up, first call vs pytorch-grad-cam as users run it (>= 5)", f"{pgc_user / first_call:.1f}x")
     line("speed-up vs pytorch-grad-cam, same process (target >= 2.5)", f"{median['pgc'] / median['ours']:.1f}x")
     line("speed-up vs torchcam, same process", f"{median['torchcam'] / median['ours']:.1f}x")
     line("map Pearson r vs pytorch-grad-cam (target >= 0.999)", f"{r_pgc:.5f} (fresh-process run: {r_user:.5f})")
-    line("bf16 speed-up vs pytorch-grad-cam as users run it (>= 10)", f"{pgc_user / median['ours_bf16']:.1f}x")
+    line("bf16 first call vs pytorch-grad-cam as users run it (>= 10)", f"{pgc_user / first_call_bf16:.1f}x")
     line("bf16 faithfulness: Spearman of channel weights vs fp32 (>= 0.99)", f"{rho:.4f}")
     line("bf16 faithfulness: map Pearson r vs fp32 (>= 0.99)", f"{r_bf16:.4f}")
     results.update(
         lite0_ours_s=median["ours"], lite0_ours_first_call_s=first_call, lite0_ours_bf16_s=median["ours_bf16"],
+        lite0_ours_bf16_first_call_s=first_call_bf16,
         lite0_pgc_user_s=pgc_user, lite0_pgc_inprocess_s=median["pgc"], lite0_torchcam_inprocess_s=median["torchcam"],
         lite0_r_pgc=r_pgc, bf16_spearman=rho, bf16_map_r=r_bf16, lite0_forwarded=forwarded, lite0_constant=constant,
     )
@@ -281,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = (forwarded + 2) * per_image
     print(f"\n5. Floor: one forward of a masked batch at the best plan {tuple(best_plan)}: {per_image * 1000:.1f} ms/image")
     line(f"floor = ({forwarded} + 2) x {per_image * 1000:.1f} ms", f"{floor:.2f} s")
-    line("ours / floor (target <= 1.15)", f"{median['ours'] / floor:.2f}")
+    line("ours, later calls / floor (target <= 1.15)", f"{median['ours'] / floor:.2f}")
+    line("ours, first call / floor", f"{first_call / floor:.2f}")
     results.update(floor_s=floor, ours_over_floor=median["ours"] / floor, forward_ms_per_image=per_image * 1000)
 
     # 2. ResNet-18 layer4
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         resnet_target = int(resnet.module(xr).argmax())
     resnet_times: dict[str, list[float]] = {"ours": [], "pgc": []}
-    ours(resnet, xr, "layer4")  # first call: folding the copy once, as for Lite0 above
+    resnet_first, _ = timed(ours, resnet, xr, "layer4", convention="pytorch-grad-cam")
     for _ in range(repeats):
         seconds, resnet_cache = timed(ours, resnet, xr, "layer4", convention="pytorch-grad-cam")
         resnet_times["ours"].append(seconds)
@@ -300,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     resnet_map = scorecam(resnet_cache, "layer4", resnet_target, preset="pytorch-grad-cam", image=0).values
     print(f"\n2. resnet18 (random weights) 'layer4', {xr.shape[-1]}x{xr.shape[-1]}, "
           f"{int(resnet_cache['layer4']['constant'].values.sum())} constant of 512")
-    line("ours / pytorch-grad-cam, same process", f"{resnet_median['ours']:.2f} s / {resnet_median['pgc']:.2f} s")
+    line("ours first call / later calls", f"{resnet_first:.2f} s / {resnet_median['ours']:.2f} s")
+    line("ours / pytorch-grad-cam, same process (medians)", f"{resnet_median['ours']:.2f} s / {resnet_median['pgc']:.2f} s")
     line("speed-up (target >= 1.5)", f"{resnet_median['pgc'] / resnet_median['ours']:.1f}x")
     line("map Pearson r vs pytorch-grad-cam", f"{pearson(resnet_map, resnet_pgc):.5f}")
-    results.update(resnet_ours_s=resnet_median["ours"], resnet_pgc_s=resnet_median["pgc"])
+    results.update(resnet_ours_s=resnet_median["ours"], resnet_ours_first_call_s=resnet_first, resnet_pgc_s=resnet_median["pgc"])
 
     # 3. ten classes and 4. recomposition latency
     classes = [int(c) for c in np.argsort(cache["logits"].values[0])[::-1][:10]]
@@ -311,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     for preset_index, klass in enumerate(classes):
         seconds, _ = timed(scorecam, cache, layer, klass, preset="pytorch-grad-cam")
         compose_times.append(seconds)
-    ten_classes = median["ours"] + sum(compose_times)
+    ten_classes = first_call + sum(compose_times)
     print("\n3. Maps of 10 classes")
-    line("ours: one compute + 10 recompositions", f"{ten_classes:.2f} s")
+    line("ours: one compute (first call) + 10 recompositions", f"{ten_classes:.2f} s")
     line("pytorch-grad-cam as users run it: 10 x its single run", f"{10 * pgc_user:.1f} s")
     line("speed-up (target >= 30)", f"{10 * pgc_user / ten_classes:.1f}x")
     results.update(ten_classes_s=ten_classes, ten_classes_speedup=10 * pgc_user / ten_classes)

@@ -119,7 +119,8 @@ def compute_cache(
                 )
             masked_model = module
             if folded is not module:
-                if _same_function(folded, on_device, logits):
+                if runtime.folded_verified(folded) or _same_function(folded, on_device, logits):
+                    runtime.accept_folded(folded)  # checked once: the same function for any input
                     masked_model = folded
                 else:  # folding changed what the model computes: run the model as it is
                     runtime.reject_folded(module)

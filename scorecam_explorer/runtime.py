@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import statistics
 import time
 import weakref
 from collections import Counter
@@ -150,14 +151,14 @@ class Plan(NamedTuple):
 def candidate_plans(device: torch.device, batch_size: int | None = None) -> list[Plan]:
     """Plans to try, the most likely best first.
 
-    On a CPU: batch sizes 16, 8, 32 (or the user's), each with torch's thread count and
+    On a CPU: batch sizes 16, 32, 8 (or the user's), each with torch's thread count and
     with one thread: on a busy machine, OpenMP threads that wait for a core made Lite0
     forwards several times slower than a single thread.
     """
     if batch_size is not None and int(batch_size) < 1:
         raise ScorecamError(f"batch size must be a positive integer, not {batch_size}.")
     if device.type == "cpu":
-        sizes = [int(batch_size)] if batch_size is not None else [16, 8, 32]
+        sizes = [int(batch_size)] if batch_size is not None else [16, 32, 8]
         threads = torch.get_num_threads()
         return [Plan(size, count) for count in ([threads, 1] if threads > 1 else [1]) for size in sizes]
     sizes = [int(batch_size)] if batch_size is not None else ([64, 128, 32, 256] if device.type == "cuda" else [32, 64, 16])
@@ -165,6 +166,7 @@ def candidate_plans(device: torch.device, batch_size: int | None = None) -> list
 
 
 _CHOSEN_PLANS: dict[tuple, Plan] = {}
+_PLAN_TIMES: dict[tuple, dict[Plan, list[float]]] = {}
 _CHOSEN_THREADS: dict[tuple, int] = {}
 
 
@@ -174,20 +176,23 @@ class Planner:
 
     With one candidate there is nothing to measure. Otherwise, first the thread count is
     chosen at the first candidate's batch size, then the batch size at that thread count;
-    each plan is timed on ``samples`` real batches (the minimum time per image counts: a
-    first batch of a new shape pays one-off costs), and a plan already more than ``prune``
-    times slower than the best so far is not timed again. The winner is
-    remembered for the process under ``key`` (and its thread count under ``threads_key``,
-    see :func:`remembered_threads`).
+    each plan is timed on ``samples`` real batches (the median time per image counts; with
+    fewer batches the fastest, as a first batch of a new shape pays one-off costs), and a
+    plan already more than ``prune`` times slower than the best so far is not timed again. The winner is remembered for
+    the process under ``key`` (and its thread count under ``threads_key``, see
+    :func:`remembered_threads`). The chosen plan keeps being watched: when its last three
+    batches are ``prune`` times slower than another plan measured before (the machine got
+    busier, say), that plan takes over.
     """
 
     key: tuple
     candidates: Sequence[Plan]
     threads_key: tuple | None = None
-    samples: int = 2
+    samples: int = 3
     prune: float = 1.5
     _times: dict[Plan, list[float]] = field(default_factory=dict)
     _queue: list[Plan] = field(default_factory=list)
+    _recent: list[float] = field(default_factory=list)
     _stage: str = "threads"
 
     def __post_init__(self) -> None:
@@ -196,7 +201,9 @@ class Planner:
             raise ScorecamError("no batch plan to choose from.")
         if len(self.candidates) == 1:
             _CHOSEN_PLANS[self.key] = self.candidates[0]
-        elif self.key not in _CHOSEN_PLANS:
+        elif self.key in _CHOSEN_PLANS:
+            self._times = _PLAN_TIMES.setdefault(self.key, {})
+        else:
             self._queue = self._stage_plans()
 
     @property
@@ -216,17 +223,44 @@ class Planner:
 
     def record(self, plan: Plan, seconds: float, images: int) -> None:
         """Report how long a batch of ``images`` masked inputs run with ``plan`` took."""
-        if self.chosen is not None or not self._queue or self._queue[0] != plan:
+        if images != plan.batch_size:  # a short last batch says little about its size
+            if self._queue and self._queue[0] == plan:
+                self._queue.pop(0)
+            return
+        per_image = seconds / images
+        if self.chosen is not None:
+            self._watch(plan, per_image)
+            return
+        if not self._queue or self._queue[0] != plan:
             return
         self._queue.pop(0)
-        if images != plan.batch_size:  # a short last batch says little about its size
-            return
-        self._times.setdefault(plan, []).append(seconds / images)
-        best = min(min(values) for values in self._times.values())
+        self._times.setdefault(plan, []).append(per_image)
+        best = min(_typical(values) for values in self._times.values())
         # a plan already much slower than the best is not timed again
         self._queue = [
-            queued for queued in self._queue if queued not in self._times or min(self._times[queued]) <= self.prune * best
+            queued for queued in self._queue if queued not in self._times or _typical(self._times[queued]) <= self.prune * best
         ]
+
+    def _watch(self, plan: Plan, per_image: float) -> None:
+        """Switch to another measured plan when the chosen one has become much slower."""
+        if plan != self.chosen:
+            return
+        self._recent = [*self._recent[-2:], per_image]
+        others = {other: _typical(times) for other, times in self._times.items() if other != plan and times}
+        if len(self._recent) < 3 or not others:
+            return
+        recent = sorted(self._recent)[1]
+        fallback = min(others, key=others.__getitem__)
+        if recent > self.prune * others[fallback]:
+            self._times[plan] = [recent]  # what it costs now, not what it cost before
+            self._choose(fallback)
+            self._recent = []
+
+    def _choose(self, plan: Plan) -> None:
+        _CHOSEN_PLANS[self.key] = plan
+        _PLAN_TIMES[self.key] = self._times
+        if self.threads_key is not None and plan.threads is not None:
+            _CHOSEN_THREADS[self.threads_key] = plan.threads
 
     def _stage_plans(self) -> list[Plan]:
         if self._stage == "threads":
@@ -238,7 +272,7 @@ class Planner:
         return [plan for _ in range(self.samples) for plan in plans]
 
     def _best(self) -> Plan:
-        return min(self._times, key=lambda plan: min(self._times[plan]))
+        return min(self._times, key=lambda plan: _typical(self._times[plan]))
 
     def _advance(self) -> None:
         """Start the next stage, or choose when the last one is done."""
@@ -251,10 +285,7 @@ class Planner:
             self._queue = self._stage_plans()
             if self._queue:
                 return
-        best = self._best()
-        _CHOSEN_PLANS[self.key] = best
-        if self.threads_key is not None and best.threads is not None:
-            _CHOSEN_THREADS[self.threads_key] = best.threads
+        self._choose(self._best())
 
     def shrink_after_out_of_memory(self, plan: Plan) -> Plan:
         """Halve the batch size after the device ran out of memory; returns the new plan."""
@@ -266,6 +297,12 @@ class Planner:
         return smaller
 
 
+def _typical(per_image: list[float]) -> float:
+    """A plan's typical seconds per image: the median of three or more batches, else the
+    fastest (a plan's first batch of a new shape pays one-off costs)."""
+    return statistics.median(per_image) if len(per_image) >= 3 else min(per_image)
+
+
 def remembered_threads(threads_key: tuple) -> int | None:
     """The thread count a previous :class:`Planner` chose for this model, device and precision."""
     return _CHOSEN_THREADS.get(threads_key)
@@ -274,6 +311,7 @@ def remembered_threads(threads_key: tuple) -> int | None:
 def forget_plans() -> None:
     """Drop the remembered plans (e.g. after the machine's load changed)."""
     _CHOSEN_PLANS.clear()
+    _PLAN_TIMES.clear()
     _CHOSEN_THREADS.clear()
 
 
@@ -309,7 +347,7 @@ def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
     b' = (b - m) * g / sqrt(v + eps) + beta, so the copy computes the same function with
     one pass over each activation less. Likewise a "same padding" convolution that pads
     symmetrically in a separate module (the EfficientNet ports) becomes one ``nn.Conv2d``
-    with that padding. Float32 results differ by rounding only (relative 1e-6); callers
+    with that padding, and a ReLU / ReLU6 right after a convolution runs in place. Float32 results differ by rounding only (relative 1e-6); callers
     check the copy against the model's own output before using it. Returns None when the
     model has no BatchNorm2d after a convolution or cannot be traced by ``torch.fx``.
     ``key`` (weights fingerprint, device) decides when a remembered copy is reused.
@@ -331,6 +369,19 @@ def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
 def reject_folded(module: nn.Module) -> None:
     """Remember that ``module``'s folded copy did not reproduce it: never fold it again."""
     _FOLDED[module] = (None, None)
+
+
+_VERIFIED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def accept_folded(folded: nn.Module) -> None:
+    """Remember that a folded copy reproduced its model's output (no need to check again)."""
+    _VERIFIED.add(folded)
+
+
+def folded_verified(folded: nn.Module) -> bool:
+    """Whether :func:`accept_folded` was called for this copy."""
+    return folded in _VERIFIED
 
 
 class _ConvLeafTracer(fx.Tracer):
@@ -398,9 +449,29 @@ def _fold(module: nn.Module) -> nn.Module | None:
         folded += 1
     if not folded:
         return None
+    _clamp_in_place(traced)
     traced.graph.lint()
     traced.recompile()
     return traced.eval()
+
+
+def _clamp_in_place(traced: fx.GraphModule) -> None:
+    """Run ReLU / ReLU6 in place where their input is a convolution's fresh output that
+    nothing else reads (same values, one pass over memory less)."""
+    modules = dict(traced.named_modules())
+    for node in traced.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(module, (nn.ReLU, nn.ReLU6)) or module.inplace:
+            continue
+        source = node.args[0]
+        producer = modules.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
+        if not isinstance(producer, nn.Conv2d) or len(source.users) != 1:
+            continue
+        node.op = "call_function"
+        if isinstance(module, nn.ReLU6):
+            node.target, node.args = torch.nn.functional.hardtanh_, (source, 0.0, 6.0)
+        else:
+            node.target, node.args = torch.relu_, (source,)
 
 
 def synchronize(device: torch.device) -> None:

@@ -297,8 +297,10 @@ def test_batchnorm_folding_gives_the_same_scores(x):
     model = with_batchnorm(nn.Conv2d)
     folded = compute_cache(model, x, "5", progress=False)
     plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
-    assert runtime.folded_batchnorm(model, ("unused",)) is not None
     assert folded.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # one check pass on the copy
+    again = compute_cache(model, x, "5", progress=False)
+    assert again.attrs["forward_passes"] == plain.attrs["forward_passes"]  # checked once per copy
+    assert runtime.folded_batchnorm(model, ("another key",)) is not None
     np.testing.assert_allclose(
         folded["5"]["masked_logits"].values, plain["5"]["masked_logits"].values, rtol=1e-5, atol=1e-5
     )
@@ -335,6 +337,33 @@ def test_folding_leaves_a_convolution_used_twice_alone(x):
     folded = runtime._fold(model)
     assert isinstance(folded.last_norm, nn.BatchNorm2d) and isinstance(folded.first, nn.BatchNorm2d)
     assert "last_norm" not in folded.code and "first" in folded.code  # only the unshared pair folded
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class SamePaddingConv(nn.Conv2d):
+    """A TensorFlow-style "same" convolution that pads in a child module (as EfficientNet ports do)."""
+
+    def __init__(self, *args, pad: tuple[int, int, int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_folding_moves_symmetric_padding_into_the_convolution_and_clamps_in_place(x):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SamePaddingConv(3, 6, 3, pad=(1, 1, 1, 1), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
+        SamePaddingConv(6, 6, 5, stride=2, groups=6, pad=(1, 2, 1, 2), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    ).eval()
+    folded = runtime._fold(model)
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert type(convs[0]) is nn.Conv2d and convs[0].padding == (1, 1)  # symmetric: one plain convolution
+    assert isinstance(convs[1], SamePaddingConv)  # asymmetric padding stays as it is
+    assert "hardtanh_" in folded.code
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
 
@@ -377,3 +406,23 @@ def test_default_model_head_matches_pytorch_grad_cam(default_model):
     our_map = np.maximum((ours[:, None, None] * activation[0]).sum(0), 0)
     their_map = np.maximum((theirs[:, None, None] * activation[0]).sum(0), 0)
     assert np.corrcoef(our_map.ravel(), their_map.ravel())[0, 1] >= 0.9999
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_runs(tmp_path):
+    """The benchmark's --quick mode (about a minute) still runs and reports every section."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scorecam.py"
+    report = tmp_path / "numbers.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(report)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for section in ("1. efficientnet_lite0", "2. resnet18", "3. Maps of 10 classes", "4. Recomposing", "5. Floor", "6. Peak"):
+        assert section in result.stdout
+    numbers = json.loads(report.read_text())
+    assert numbers["lite0_r_pgc"] >= 0.999
+    assert numbers["bf16_spearman"] >= 0.99
