@@ -215,7 +215,7 @@ def _check_finite(cache: xr.DataTree, layers: Sequence[str]) -> None:
 # ---- saving and loading ------------------------------------------------------------------
 
 
-def _encoding(cache: xr.DataTree) -> dict[str, dict[str, dict[str, Any]]]:
+def storage_encoding(cache: xr.DataTree) -> dict[str, dict[str, dict[str, Any]]]:
     """Chunks of one image (and a block of channels) per stored piece, zstd-compressed."""
     from zarr.codecs import ZstdCodec
 
@@ -240,7 +240,7 @@ def _encoding(cache: xr.DataTree) -> dict[str, dict[str, dict[str, Any]]]:
     return encoding
 
 
-def _with_storable_strings(cache: xr.DataTree) -> xr.DataTree:
+def with_storable_strings(cache: xr.DataTree) -> xr.DataTree:
     """Store string coordinates as variable-length strings (zarr 3 has no fixed-width spec)."""
     root = cache.dataset.assign_coords(
         image=cache["image"].values.astype(object), class_name=("class", cache["class_name"].values.astype(object))
@@ -284,8 +284,8 @@ def save_cache(cache: xr.DataTree, path: str | os.PathLike[str], *, overwrite: b
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-            _with_storable_strings(cache).to_zarr(
-                temporary, mode="w-", encoding=_encoding(cache), consolidated=False, zarr_format=3
+            with_storable_strings(cache).to_zarr(
+                temporary, mode="w-", encoding=storage_encoding(cache), consolidated=False, zarr_format=3
             )
         if target.exists():
             os.rename(target, retired)
@@ -303,8 +303,10 @@ def load_cache(path: str | os.PathLike[str], *, lazy: bool = False) -> xr.DataTr
     """Open a cache written by :func:`save_cache` (no torch needed).
 
     ``lazy=False`` reads every array into memory (recomposing is then pure numpy);
-    ``lazy=True`` reads on access. Raises CacheError, with the reason, for a path that is
-    missing, not a Zarr store, or not a valid cache.
+    ``lazy=True`` reads nothing but the layout: the arrays are dask-backed (one chunk per
+    image and block of channels, as stored) when dask is installed, else read on access.
+    Raises CacheError, with the reason, for a path that is missing, not a Zarr store, not a
+    valid cache, or a dataset store (``compute_dataset``) whose images are not all computed.
     """
     source = Path(path)
     if not source.exists():
@@ -312,16 +314,47 @@ def load_cache(path: str | os.PathLike[str], *, lazy: bool = False) -> xr.DataTr
     if not source.is_dir():
         raise CacheError(f"{source} is not a cache: a cache is a Zarr directory (e.g. made by `scorecam-explorer compute`).")
     try:
-        tree = xr.open_datatree(source, engine="zarr", consolidated=False)
-        if not lazy:
-            tree = tree.load()
+        tree = xr.open_datatree(source, engine="zarr", consolidated=False, **_lazy_chunks(lazy))
     except Exception as error:  # noqa: BLE001 - zarr/xarray raise many types for a bad store
         raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
-    tree = _with_plain_strings(tree)
-    return validate_cache(tree, check_values=not lazy)
+    tree = validate_cache(with_plain_strings(tree), check_values=False)
+    _refuse_unfinished_dataset(tree, source)
+    if lazy:
+        return tree
+    try:
+        tree = tree.load()
+    except Exception as error:  # noqa: BLE001
+        raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
+    return validate_cache(tree)
 
 
-def _with_plain_strings(tree: xr.DataTree) -> xr.DataTree:
+def _lazy_chunks(lazy: bool) -> dict[str, Any]:
+    """``chunks={}`` (dask arrays, chunked as stored) for a lazy load when dask is installed."""
+    if not lazy:
+        return {}
+    try:
+        import dask.array  # noqa: F401
+    except ImportError:
+        return {}
+    return {"chunks": {}}
+
+
+def _refuse_unfinished_dataset(tree: xr.DataTree, source: Path) -> None:
+    """A dataset store (``compute_dataset``) has a ``complete`` flag per image; rows not yet
+    computed hold NaN, so such a store is not a cache until it is finished."""
+    if "complete" not in tree.dataset.data_vars:
+        return
+    complete = np.asarray(tree["complete"].values, dtype=bool)
+    if complete.all():
+        return
+    raise CacheError(
+        f"{source} is a dataset store with {int(complete.sum())} of {complete.size} images computed. "
+        "Finish it by rerunning compute_dataset (CLI: compute-dataset) on it, or open the computed "
+        "images with scorecam_explorer.open_dataset(path) or one with select_image(path, image)."
+    )
+
+
+def with_plain_strings(tree: xr.DataTree) -> xr.DataTree:
     """String coordinates back as numpy ``str`` arrays, as :func:`build_cache` makes them."""
     root = tree.dataset
     updates = {}

@@ -53,9 +53,9 @@ from scorecam_explorer.cache import (
     LAYER_VARIABLES,
     ROOT_VARIABLES,
     SCHEMA,
-    _encoding,
-    _with_plain_strings,
-    _with_storable_strings,
+    storage_encoding,
+    with_plain_strings,
+    with_storable_strings,
     validate_cache,
 )
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
@@ -595,7 +595,7 @@ def _create_store(path: Path, template: xr.DataTree) -> None:
     """Write the store's metadata and coordinates (no data) atomically: a hidden sibling, renamed."""
     if not path.parent.is_dir():
         raise CacheError(f"cannot create the dataset store: the folder {path.parent} does not exist.")
-    encoding = _encoding(template)
+    encoding = storage_encoding(template)
     for name in DATASET_VARIABLES:
         encoding["/"][name] = {"chunks": (1,)}
     temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -603,7 +603,7 @@ def _create_store(path: Path, template: xr.DataTree) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
             # compute=False writes metadata and coordinates only: the data arrays stay empty.
-            _with_storable_strings(template).to_zarr(
+            with_storable_strings(template).to_zarr(
                 temporary, mode="w-", encoding=encoding, consolidated=False, zarr_format=3, compute=False
             )
         if path.exists():
@@ -895,7 +895,7 @@ def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -
         tree = xr.open_datatree(source, engine="zarr", consolidated=False, chunks={})
     except Exception as error:  # noqa: BLE001 - zarr/xarray raise many types for a bad store
         raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
-    tree = validate_cache(_with_plain_strings(tree), check_values=False)
+    tree = validate_cache(with_plain_strings(tree), check_values=False)
     if complete_only and "complete" in tree.dataset.data_vars:
         done = np.flatnonzero(np.asarray(tree["complete"].values, dtype=bool))
         if len(done) < tree.sizes["image"]:

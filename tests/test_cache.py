@@ -24,6 +24,7 @@ from scorecam_explorer.cache import (
     save_cache,
     validate_cache,
 )
+from scorecam_explorer.compose import scorecam
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import CacheError
 from scorecam_explorer.models import from_module
@@ -60,7 +61,10 @@ def test_round_trip_is_identical(computed, tmp_path):
     assert loaded.attrs["schema"] == SCHEMA
     assert loaded["image"].values.dtype.kind == "U" and loaded["class_name"].values.dtype.kind == "U"
     lazy = load_cache(path, lazy=True)
-    np.testing.assert_array_equal(lazy["1"]["masked_logits"].values, tree["1"]["masked_logits"].values)
+    masked = lazy["1"]["masked_logits"]
+    assert masked.chunks is not None and masked.chunks[:2] == ((1, 1), (CHANNEL_BLOCK, 300 - CHANNEL_BLOCK))  # dask, as stored
+    np.testing.assert_array_equal(masked.values, tree["1"]["masked_logits"].values)
+    np.testing.assert_allclose(scorecam(lazy, "1", 2).values, scorecam(tree, "1", 2).values)
 
 
 def test_store_is_chunked_per_image_and_channel_block_and_compressed(computed, tmp_path):
@@ -142,7 +146,7 @@ def test_a_killed_save_leaves_only_a_hidden_partial_directory(computed, tmp_path
             original(self, store, *a, **k)
             os._exit(9)
         xr.DataTree.to_zarr = die
-        save_cache(cache._with_plain_strings(tree), {str(target)!r})
+        save_cache(cache.with_plain_strings(tree), {str(target)!r})
         """
     )
     save_cache(tree, tmp_path / "src.zarr")
