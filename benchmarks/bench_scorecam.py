@@ -22,7 +22,8 @@ because a shared machine's speed drifts):
    pytorch-grad-cam paying every pass again per class (10 x its measured single run).
 4. Recomposing a map from the cache (new class / preset / channel subset): median latency.
 5. The floor: (forwarded channels + 2) x one forward per image at the best batch size, in
-   the same configuration (BatchNorm folded, channels-last, float32, same allocator).
+   the same configuration (BatchNorm folded, channels-last, float32, same allocator),
+   measured right after each of our runs; the ratio ours / floor is taken per round.
 6. Peak memory (resident set, fresh processes) for layers of 320 and 1280 channels.
 
 Every number printed is measured in this run; nothing is copied from elsewhere.
@@ -232,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, list[float]] = {"ours": [], "ours_bf16": [], "pgc": [], "torchcam": []}
     first_call, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")
     first_call_bf16, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam", precision="bfloat16")
+    # the floor is measured right after each of our runs: a shared machine's speed drifts
+    # between rounds by more than the gap being measured
+    masked_module = runtime.folded_batchnorm(lite0.module, (lite0.fingerprint(), "cpu")) or lite0.module
+    floors: list[tuple[float, float, object]] = []  # (ours / floor, seconds per image, plan)
     for _ in range(repeats):
         seconds, cache = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")
         timings["ours"].append(seconds)
+        per_image, best_plan = forward_floor(masked_module, x, runtime.candidate_plans(torch.device("cpu")))
+        n_forwarded = int(cache[layer].sizes["channel"]) - int(cache[layer]["constant"].values.sum())
+        floors.append((seconds / ((n_forwarded + 2) * per_image), per_image, best_plan))
         seconds, pgc_heatmap = timed(pytorch_grad_cam_map, lite0.module, layer_module, x, target)
         timings["pgc"].append(seconds)
         seconds, _ = timed(torchcam_map, lite0.module, layer, x, target)
@@ -279,16 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         lite0_r_pgc=r_pgc, bf16_spearman=rho, bf16_map_r=r_bf16, lite0_forwarded=forwarded, lite0_constant=constant,
     )
 
-    # 5. the floor, in the configuration compute_cache used
-    fingerprint = lite0.fingerprint()
-    masked_module = runtime.folded_batchnorm(lite0.module, (fingerprint, "cpu")) or lite0.module
-    per_image, best_plan = forward_floor(masked_module, x, runtime.candidate_plans(torch.device("cpu")))
+    # 5. the floor, in the configuration compute_cache used, measured in every round
+    ratio, per_image, best_plan = sorted(floors, key=lambda item: item[0])[len(floors) // 2]
     floor = (forwarded + 2) * per_image
-    print(f"\n5. Floor: one forward of a masked batch at the best plan {tuple(best_plan)}: {per_image * 1000:.1f} ms/image")
+    print(f"\n5. Floor: one forward of a masked batch at the best plan {tuple(best_plan)}, measured right after "
+          f"each of our runs (median round shown): {per_image * 1000:.1f} ms/image")
     line(f"floor = ({forwarded} + 2) x {per_image * 1000:.1f} ms", f"{floor:.2f} s")
-    line("ours, later calls / floor (target <= 1.15)", f"{median['ours'] / floor:.2f}")
-    line("ours, first call / floor", f"{first_call / floor:.2f}")
-    results.update(floor_s=floor, ours_over_floor=median["ours"] / floor, forward_ms_per_image=per_image * 1000)
+    line("ours / floor, same round (median of rounds; target <= 1.15)", f"{ratio:.2f}")
+    line("  every round", " ".join(f"{item[0]:.2f}" for item in floors))
+    results.update(floor_s=floor, ours_over_floor=ratio, forward_ms_per_image=per_image * 1000)
 
     # 2. ResNet-18 layer4
     resnet = load_model("resnet18", weights=None)

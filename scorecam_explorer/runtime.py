@@ -340,7 +340,7 @@ def has_hooks(module: nn.Module) -> bool:
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
-def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
+def folded_batchnorm(module: nn.Module, key: tuple, *, channels_last: bool = False) -> nn.Module | None:
     """A copy of ``module`` with every BatchNorm2d folded into the convolution before it.
 
     In eval mode BN(conv(x)) = conv'(x) with W' = W * g / sqrt(v + eps) and
@@ -351,6 +351,8 @@ def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
     check the copy against the model's own output before using it. Returns None when the
     model has no BatchNorm2d after a convolution or cannot be traced by ``torch.fx``.
     ``key`` (weights fingerprint, device) decides when a remembered copy is reused.
+    ``channels_last`` stores the copy's convolution weights channels-last, as the inputs
+    will be (otherwise every convolution reorders its weights on every call; same values).
     """
     remembered = _FOLDED.get(module)
     if remembered is not None and (remembered[0] == key or remembered[0] is None):
@@ -362,6 +364,8 @@ def folded_batchnorm(module: nn.Module, key: tuple) -> nn.Module | None:
     except Exception:  # noqa: BLE001 - any model fx cannot trace simply runs unfolded
         return None
     if folded is not None:
+        if channels_last:
+            folded = folded.to(memory_format=torch.channels_last)
         _FOLDED[module] = (key, folded)
     return folded
 

@@ -404,3 +404,24 @@ def test_planner_switches_when_the_chosen_plan_slows_down():
         later.record(Plan(16, 1), 0.2 * 16, 16)
     assert later.chosen == Plan(16, 2)
     runtime.forget_plans()
+
+
+def test_a_channels_last_folded_copy_stores_its_convolutions_channels_last_and_computes_the_same():
+    from scorecam_explorer import runtime
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).eval()
+    with torch.no_grad():  # non-trivial running statistics, so folding changes the weights
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    folded = runtime.folded_batchnorm(model, ("fingerprint", "cpu"), channels_last=True)
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Conv2d))  # the model is untouched
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-5, atol=1e-5)
