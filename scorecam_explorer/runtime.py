@@ -148,17 +148,20 @@ class Plan(NamedTuple):
     threads: int | None = None
 
 
-def candidate_plans(device: torch.device, batch_size: int | None = None) -> list[Plan]:
+def candidate_plans(device: torch.device, batch_size: int | None = None, *, adapt_threads: bool = True) -> list[Plan]:
     """Plans to try, the most likely best first.
 
-    On a CPU: batch sizes 16, 32, 8 (or the user's), each with torch's thread count and
-    with one thread: on a busy machine, OpenMP threads that wait for a core made Lite0
-    forwards several times slower than a single thread.
+    On a CPU: batch sizes 16, 32, 8 (or the user's), each with torch's thread count and,
+    when ``adapt_threads``, with one thread: on a busy machine, OpenMP threads that wait for
+    a core made Lite0 forwards several times slower than a single thread. With
+    ``adapt_threads=False`` torch's thread count is left as it is.
     """
     if batch_size is not None and int(batch_size) < 1:
         raise ScorecamError(f"batch size must be a positive integer, not {batch_size}.")
     if device.type == "cpu":
         sizes = [int(batch_size)] if batch_size is not None else [16, 32, 8]
+        if not adapt_threads:
+            return [Plan(size) for size in sizes]
         threads = torch.get_num_threads()
         return [Plan(size, count) for count in ([threads, 1] if threads > 1 else [1]) for size in sizes]
     sizes = [int(batch_size)] if batch_size is not None else ([64, 128, 32, 256] if device.type == "cuda" else [32, 64, 16])

@@ -425,3 +425,24 @@ def test_a_channels_last_folded_copy_stores_its_convolutions_channels_last_and_c
     x = torch.randn(4, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(folded(x.contiguous(memory_format=torch.channels_last)), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapt_threads_false_never_touches_the_thread_count(tiny_cnn, inputs, monkeypatch):
+    from scorecam_explorer import runtime
+    from scorecam_explorer.engine import compute_cache
+
+    runtime.forget_plans()
+    torch.set_num_threads(2)
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    fixed = compute_cache(tiny_cnn, inputs, "features.3", progress=False, adapt_threads=False)
+    assert calls == [] and torch.get_num_threads() == 2
+    adapted = compute_cache(tiny_cnn, inputs, "features.3", progress=False)
+    assert 1 in calls and torch.get_num_threads() == 2  # one thread was tried, then restored
+    torch.testing.assert_close(
+        torch.from_numpy(fixed["features.3"]["masked_logits"].values),
+        torch.from_numpy(adapted["features.3"]["masked_logits"].values),
+        rtol=1e-5, atol=1e-5,
+    )
+    runtime.forget_plans()
