@@ -49,6 +49,7 @@ from scorecam_explorer.errors import (
     UnknownLayerError,
     did_you_mean,
 )
+from scorecam_explorer.inputs import InputBatch, prepare_inputs
 
 if TYPE_CHECKING:
     from scorecam_explorer.models import LoadedModel
@@ -87,66 +88,14 @@ def device_of(module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class InputBatch:
-    """Preprocessed model inputs X (N, 3, H, W), float32 on the CPU, with one id per picture."""
-
-    tensor: torch.Tensor
-    image_ids: list[str]
-
-    def __len__(self) -> int:
-        return int(self.tensor.shape[0])
-
-
-def prepare_inputs(model: ModelLike, inputs: Any, image_ids: Sequence[str] | None = None) -> InputBatch:
-    """Turn ``inputs`` into one float32 batch X of shape (N, 3, H, W).
+def model_inputs(model: ModelLike, inputs: Any, image_ids: Sequence[str] | None = None) -> InputBatch:
+    """The inputs as one float32 batch X (N, 3, H, W) with ids (:func:`scorecam_explorer.inputs.prepare_inputs`).
 
     ``inputs`` is a tensor (N, 3, H, W) or (3, H, W) that is already preprocessed, or one
     picture / a list of pictures (paths, ``"sample:NAME"``, PIL images, arrays) that are
-    preprocessed with the LoadedModel's preprocessing.
+    preprocessed with the LoadedModel's preprocessing (a bare module has none).
     """
-    if isinstance(inputs, torch.Tensor):
-        tensor = inputs.detach()
-        if tensor.ndim == 3:
-            tensor = tensor.unsqueeze(0)
-        if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ScorecamError(
-                f"an input tensor must have shape (N, 3, H, W) or (3, H, W); got {tuple(inputs.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise ScorecamError(f"an input tensor must be floating point (normalised); got {tensor.dtype}")
-        if not torch.isfinite(tensor).all():
-            raise NonFiniteError("the input tensor holds NaN or inf values")
-        ids = list(image_ids) if image_ids is not None else [f"image-{i}" for i in range(tensor.shape[0])]
-        tensor = tensor.to("cpu", torch.float32)  # batches go to the model's device one at a time
-    else:
-        from scorecam_explorer.images import image_id, load_image
-
-        preprocessing = getattr(model, "preprocessing", None)
-        if preprocessing is None:
-            raise ScorecamError(
-                "pictures need the model's preprocessing: pass a LoadedModel "
-                "(scorecam_explorer.from_module(module, preprocessing=...)) or a preprocessed tensor"
-            )
-        sources = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if not sources:
-            raise ScorecamError("no pictures given")
-        tensor = torch.stack([preprocessing.to_tensor(load_image(s)) for s in sources])
-        ids = list(image_ids) if image_ids is not None else [image_id(s, i) for i, s in enumerate(sources)]
-    ids = unique_ids([str(i) for i in ids])
-    if len(ids) != tensor.shape[0]:
-        raise ScorecamError(f"{len(ids)} image ids for {tensor.shape[0]} images")
-    return InputBatch(tensor.contiguous(), ids)
-
-
-def unique_ids(ids: Sequence[str]) -> list[str]:
-    """Repeated ids made unique by suffixing ``#2``, ``#3``... (as ``compute_cache`` does)."""
-    seen: dict[str, int] = {}
-    result = []
-    for raw in ids:
-        seen[raw] = seen.get(raw, 0) + 1
-        result.append(raw if seen[raw] == 1 else f"{raw}#{seen[raw]}")
-    return result
+    return prepare_inputs(inputs, getattr(model, "preprocessing", None), image_ids)
 
 
 def resolve_targets(target: TargetLike, logits: torch.Tensor, class_names: Sequence[str] | None) -> list[int]:
@@ -366,7 +315,7 @@ def _gradient_cam(
     target: TargetLike,
     batch_size: int,
 ) -> xr.DataArray:
-    batch = prepare_inputs(model, inputs)
+    batch = model_inputs(model, inputs)
     height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
     layer_name = resolve_layer(model, layer, height)
     activations, gradients, _, targets = layer_gradients(model, batch.tensor, layer_name, target, batch_size)

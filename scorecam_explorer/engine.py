@@ -15,27 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
 import xarray as xr
-from PIL import Image
 from torch import nn
 
 from scorecam_explorer import runtime
 from scorecam_explorer.cache import LayerArrays, build_cache
-from scorecam_explorer.capture import capture, check_finite, forward_call_counter
+from scorecam_explorer.capture import capture, forward_call_counter
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
 from scorecam_explorer.errors import ScorecamError
-from scorecam_explorer.images import image_id, load_image
+from scorecam_explorer.inputs import Inputs, prepare_inputs
 from scorecam_explorer.models import LoadedModel, from_module
 from scorecam_explorer.preprocessing import Preprocessing
 from scorecam_explorer.scoring import baseline_logits, score_layer
-
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
-Inputs = Union[torch.Tensor, ImageInput, Sequence[ImageInput]]
 
 # Images per unmasked / baseline pass (bounds the memory of those passes).
 _IMAGE_CHUNK = 16
@@ -56,6 +50,7 @@ def compute_cache(
     image_ids: Sequence[str] | None = None,
     tune_allocator: bool = True,
     fold_batchnorm: bool = True,
+    adapt_threads: bool = True,
 ) -> xr.DataTree:
     """Run the unmasked, baseline and masked forward passes and return the cache.
 
@@ -84,6 +79,9 @@ def compute_cache(
             folded into the convolution before it (same function, float32 rounding
             differences only; see :func:`scorecam_explorer.runtime.folded_batchnorm`).
             Not done when the model carries forward hooks, so that they see every pass.
+        adapt_threads: on a CPU, also try the masked passes with one thread, and keep
+            what was fastest for this model (torch's thread count is restored when
+            compute returns). False leaves ``torch.get_num_threads()`` alone.
 
     Returns:
         The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
@@ -97,7 +95,9 @@ def compute_cache(
     preprocessing = preprocessing or loaded.preprocessing
     names = list(class_names) if class_names is not None else list(loaded.class_names)
     layer_names = _resolve_layers(loaded, layers)
-    batch, pictures, ids = _prepare_inputs(inputs, preprocessing, preprocessing_known, image_ids)
+    prepared = prepare_inputs(inputs, preprocessing, image_ids, allow_repeated_ids=False)
+    batch, ids = prepared.tensor, prepared.image_ids
+    pictures = prepared.viewable(preprocessing if preprocessing_known else None)
     compute_device = runtime.resolve_device(device)
     if tune_allocator:
         runtime.tune_allocator()
@@ -107,10 +107,10 @@ def compute_cache(
 
     threads_key = (fingerprint, str(compute_device), precision)
     with _model_on(module, compute_device), runtime.threads_restored():
-        if (threads := runtime.remembered_threads(threads_key)) is not None:
+        if adapt_threads and (threads := runtime.remembered_threads(threads_key)) is not None:
             torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
-        folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)))
+        folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)), channels_last)
         with forward_call_counter(module) as calls, forward_call_counter(folded) as folded_calls:
             activations, logits = _capture_in_chunks(module, on_device, layer_names)
             if logits.shape[1] != len(names):
@@ -136,9 +136,9 @@ def compute_cache(
                 activations,
                 baseline,
                 mask_convention,
-                planner_key=(fingerprint, tuple(batch.shape[1:]), str(compute_device), precision, batch_size),
+                planner_key=(fingerprint, tuple(batch.shape[1:]), str(compute_device), precision, batch_size, adapt_threads),
                 threads_key=threads_key,
-                plans=runtime.candidate_plans(compute_device, batch_size),
+                plans=runtime.candidate_plans(compute_device, batch_size, adapt_threads=adapt_threads),
                 precision=precision,
                 channels_last=channels_last,
                 progress=progress,
@@ -204,11 +204,11 @@ def _score_layers(
     return arrays
 
 
-def _folded_model(module: nn.Module, fold: bool, key: tuple) -> nn.Module:
+def _folded_model(module: nn.Module, fold: bool, key: tuple, channels_last: bool) -> nn.Module:
     """A BatchNorm-folded copy of the model for the masked passes, or the model itself."""
     if not fold or runtime.has_hooks(module):
         return module
-    return runtime.folded_batchnorm(module, key) or module
+    return runtime.folded_batchnorm(module, key, channels_last=channels_last) or module
 
 
 def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor) -> bool:
@@ -242,66 +242,6 @@ def _resolve_layers(loaded: LoadedModel, layers: str | Sequence[str] | None) -> 
     checked = [loaded.check_layer(layer) for layer in requested]
     order = {info.name: index for index, info in enumerate(loaded.layers(listed_only=False))}
     return sorted(set(checked), key=order.__getitem__)
-
-
-def _prepare_inputs(
-    inputs: Inputs,
-    preprocessing: Preprocessing,
-    preprocessing_known: bool,
-    image_ids: Sequence[str] | None,
-) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """(X float32 (N, 3, H, W) on the CPU, pictures uint8 (N, H, W, 3), image ids)."""
-    if isinstance(inputs, torch.Tensor):
-        batch = inputs.detach().to("cpu", torch.float32)
-        if batch.ndim == 3:
-            batch = batch[None]
-        if batch.ndim != 4 or batch.shape[1] != 3 or batch.shape[0] == 0:
-            raise ScorecamError(
-                f"an input tensor must be a preprocessed (N, 3, H, W) or (3, H, W) batch, got shape {tuple(inputs.shape)}."
-            )
-        check_finite(batch, "the input tensor")
-        batch = batch.contiguous()
-        if preprocessing_known:
-            pictures = preprocessing.denormalise(batch.numpy())
-        else:
-            pictures = _min_max_pictures(batch.numpy())
-        default_ids = [f"image-{index}" for index in range(batch.shape[0])]
-    else:
-        sources = [inputs] if _is_single_picture(inputs) else list(inputs)  # type: ignore[arg-type]
-        if not sources:
-            raise ScorecamError("no images given.")
-        loaded = [load_image(source) for source in sources]
-        pictures = np.stack([preprocessing.crop_image(picture) for picture in loaded])
-        batch = torch.from_numpy(preprocessing.normalise(pictures).copy())
-        default_ids = [image_id(source, index) for index, source in enumerate(sources)]
-    ids = _unique_ids(list(image_ids) if image_ids is not None else default_ids)
-    if len(ids) != batch.shape[0]:
-        raise ScorecamError(f"{len(ids)} image ids given for {batch.shape[0]} images.")
-    if image_ids is not None and len(set(map(str, image_ids))) != len(image_ids):
-        raise ScorecamError("image ids must be unique.")
-    return batch, pictures, ids
-
-
-def _is_single_picture(inputs: Any) -> bool:
-    return isinstance(inputs, (str, Path, Image.Image, np.ndarray))
-
-
-def _unique_ids(ids: list[str]) -> list[str]:
-    """Make repeated ids unique by suffixing ``#2``, ``#3``..."""
-    seen: dict[str, int] = {}
-    unique = []
-    for raw in map(str, ids):
-        seen[raw] = seen.get(raw, 0) + 1
-        unique.append(raw if seen[raw] == 1 else f"{raw}#{seen[raw]}")
-    return unique
-
-
-def _min_max_pictures(batch: np.ndarray) -> np.ndarray:
-    """A viewable uint8 (N, H, W, 3) picture of inputs whose normalisation is unknown."""
-    low = batch.min(axis=(1, 2, 3), keepdims=True)
-    high = batch.max(axis=(1, 2, 3), keepdims=True)
-    scaled = (batch - low) / np.where(high > low, high - low, 1.0)
-    return np.round(np.moveaxis(scaled, 1, -1) * 255).astype(np.uint8)
 
 
 def _capture_in_chunks(

@@ -51,6 +51,17 @@ class NonFiniteError(ScorecamError, FloatingPointError):
     """NaN or inf in a layer's activation or in the model's output."""
 
 
+class UnknownMethodError(ScorecamError, KeyError):
+    """A saliency method name that is not one of :data:`scorecam_explorer.evaluation.METHODS`."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BoxError(ScorecamError, ValueError):
+    """A bounding box that is malformed, empty, or not inside the image."""
+
+
 def closest_names(name: str, candidates: Iterable[str], limit: int = 5) -> list[str]:
     """The candidates that look most like ``name`` (case-insensitive), best first."""
     candidates = list(candidates)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.errors import ImageLoadError, ScorecamError, did_you_mean
+from scorecam_explorer.errors import BoxError, ImageLoadError, ScorecamError, UnknownMethodError, did_you_mean
 
 METHODS = ("scorecam", "gradcam", "gradcam++")
 METHOD_LABELS = {"scorecam": "Score-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
@@ -47,13 +47,6 @@ COLUMNS = (
     ("insertion", "Insertion AUC", "higher"),
     ("energy_pointing", "Energy pointing", "higher"),
 )
-
-
-class UnknownMethodError(ScorecamError, KeyError):
-    """A saliency method name that is not one of :data:`METHODS`."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def check_methods(methods: str | Sequence[str]) -> list[str]:
@@ -93,8 +86,8 @@ def collect_images(images: str | os.PathLike[str] | Sequence[Any], max_images: i
     Unreadable files are skipped with one warning that lists them all. Raises ImageLoadError
     when the folder does not exist, holds no image files, or none of them can be read.
     """
-    from scorecam_explorer.baselines import unique_ids
     from scorecam_explorer.images import find_images, image_id, load_image, sample_names, sample_path
+    from scorecam_explorer.inputs import unique_ids
 
     if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
         raise ScorecamError(f"max_images must be a positive integer, got {max_images!r}")
@@ -143,8 +136,6 @@ def boxes_for(images: ImageSet, boxes: Mapping[str, Any] | None) -> dict[str, An
     Raises BoxError when boxes are given but none matches an image; keys that match no
     evaluated image are reported in a warning.
     """
-    from scorecam_explorer.metrics.localisation import BoxError
-
     if not boxes:
         return {}
     if not isinstance(boxes, Mapping):
@@ -170,8 +161,6 @@ def boxes_for(images: ImageSet, boxes: Mapping[str, Any] | None) -> dict[str, An
 
 def load_boxes(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a boxes file: JSON ``{image file name: [x0, y0, x1, y1] or [[...], ...]}`` in input pixels."""
-    from scorecam_explorer.metrics.localisation import BoxError
-
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -414,7 +403,7 @@ def evaluate(
     ``keep_maps`` keeps every method's maps in ``result.maps``; ``log`` receives one line
     per stage (progress).
     """
-    from scorecam_explorer.baselines import GRADIENT_METHODS, prepare_inputs, resolve_layer, resolve_targets
+    from scorecam_explorer.baselines import GRADIENT_METHODS, model_inputs, resolve_layer, resolve_targets
     from scorecam_explorer.metrics import (
         average_drop_increase,
         deletion,
@@ -435,7 +424,7 @@ def evaluate(
     image_set = images if isinstance(images, ImageSet) else collect_images(images, max_images)
     chosen_boxes = boxes_for(image_set, boxes)
     loaded = as_loaded_model(model)
-    batch = prepare_inputs(loaded, image_set.pictures, image_set.ids)
+    batch = model_inputs(loaded, image_set.pictures, image_set.ids)
     layer_name = resolve_layer(loaded, layer, int(batch.tensor.shape[2]))
     for image_boxes in chosen_boxes.values():  # a bad box fails now, not after the maps
         for box in as_box_list(image_boxes):

@@ -144,6 +144,9 @@ def test_pictures_use_the_models_preprocessing(tiny_cnn):
     expected = gradcam(tiny_cnn, torch.stack([tensor, tensor]), "features.3", 0)
     assert result.shape == (2, 32, 32)
     np.testing.assert_allclose(result.values, expected.values, atol=1e-6)
+    assert list(result.coords["image"].values) == ["image-0", "image-1"]
+    with pytest.raises(ScorecamError, match="preprocessing"):  # a bare module has none
+        gradcam(tiny_cnn, [picture], "features.3", 0)
 
 
 def test_model_state_is_restored_and_no_gradients_are_left(tiny_cnn):

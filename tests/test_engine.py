@@ -177,6 +177,15 @@ def test_tensor_input_with_known_preprocessing_is_denormalised(x):
     np.testing.assert_array_equal(cache["picture"].values, pixels)
 
 
+def test_given_image_ids_must_fit_the_images(tiny, x):
+    with pytest.raises(ScorecamError, match="unique; repeated: a"):
+        compute_cache(tiny, x, "features.4", progress=False, image_ids=["a", "a"])
+    with pytest.raises(ScorecamError, match="1 image ids given for 2 images"):
+        compute_cache(tiny, x, "features.4", progress=False, image_ids=["a"])
+    with pytest.raises(ScorecamError, match="floating point"):
+        compute_cache(tiny, (x * 100).to(torch.uint8), "features.4", progress=False)
+
+
 def test_class_names_override_and_mismatch(tiny, x):
     names = [f"n{i}" for i in range(10)]
     cache = compute_cache(tiny, x[:1], "features.4", progress=False, class_names=names)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scorecam_explorer.baselines import gradcam, prepare_inputs
+from scorecam_explorer.baselines import gradcam, model_inputs
 from scorecam_explorer.cli import main
 from scorecam_explorer.errors import ImageLoadError
 from scorecam_explorer.evaluation import (
@@ -22,6 +22,14 @@ from scorecam_explorer.evaluation import (
 )
 from scorecam_explorer.metrics import BoxError, average_drop_increase, deletion, insertion
 from scorecam_explorer.models import from_module
+
+
+def test_error_classes_live_in_errors_and_stay_importable_from_their_old_modules():
+    from scorecam_explorer import errors
+    from scorecam_explorer.metrics import localisation
+
+    assert UnknownMethodError is errors.UnknownMethodError and issubclass(UnknownMethodError, errors.ScorecamError)
+    assert BoxError is errors.BoxError is localisation.BoxError and issubclass(BoxError, ValueError)
 
 
 @pytest.fixture
@@ -77,7 +85,7 @@ def test_evaluate_matches_the_metric_functions(tiny_model, picture_folder):
     assert result.methods == ["gradcam", "scorecam"]
     assert list(result.per_image.coords["image"].values) == ["a.png", "b.jpg", "c.png"]
     # the per-image values are those of the metric functions on the same maps
-    batch = prepare_inputs(tiny_model, collect_images(picture_folder).pictures)
+    batch = model_inputs(tiny_model, collect_images(picture_folder).pictures)
     maps = gradcam(tiny_model, batch.tensor, result.protocol["layer"])
     row = result.per_image.sel({"method": "gradcam"})
     confidence = average_drop_increase(tiny_model, batch.tensor, maps)

@@ -14,10 +14,11 @@
 Every result carries its protocol (a JSON attribute) and the forward passes it cost.
 """
 
+from scorecam_explorer.errors import BoxError
 from scorecam_explorer.metrics.causal import deletion, deletion_insertion, insertion
 from scorecam_explorer.metrics.confidence import average_drop_increase
 from scorecam_explorer.metrics.fidelity import topk_fidelity
-from scorecam_explorer.metrics.localisation import BoxError, energy_pointing_game
+from scorecam_explorer.metrics.localisation import energy_pointing_game
 from scorecam_explorer.metrics.sanity import cascade_groups, sanity_check
 
 __all__ = [

@@ -13,18 +13,31 @@ from torch import nn
 
 from scorecam_explorer.baselines import (
     DEFAULT_BATCH_SIZE,
-    InputBatch,
     ModelLike,
     TargetLike,
     class_names_of,
     device_of,
     evaluation_mode,
+    model_inputs,
     module_of,
     resolve_targets,
 )
 from scorecam_explorer.errors import NonFiniteError, ScorecamError
+from scorecam_explorer.inputs import InputBatch
 
 MapsLike = Any  # xr.DataArray (image, y, x), np.ndarray or torch.Tensor of shape (N, H, W) or (H, W)
+
+
+def inputs_with_maps(model: ModelLike, inputs: Any, maps: MapsLike) -> tuple[InputBatch, torch.Tensor]:
+    """The inputs as one batch and the maps as float32 (N, H, W) checked against it.
+
+    The batch's image ids are the maps' ``image`` coordinate when they have one.
+    """
+    ids = None
+    if isinstance(maps, xr.DataArray) and "image" in maps.coords:
+        ids = [str(v) for v in np.atleast_1d(maps.coords["image"].values)]
+    batch = model_inputs(model, inputs, ids)
+    return batch, maps_as_tensor(maps, batch)
 
 
 def maps_as_tensor(maps: MapsLike, batch: InputBatch) -> torch.Tensor:

@@ -37,17 +37,16 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of, prepare_inputs
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
     batched_probabilities,
+    inputs_with_maps,
     logits_of,
-    maps_as_tensor,
     protocol_attrs,
     targets_for,
 )
-from scorecam_explorer.metrics.confidence import _image_ids
 
 DEFAULT_STEP_FRACTION = 0.01
 DEFAULT_BLUR_KERNEL = 11
@@ -144,8 +143,7 @@ def _causal_metric(
     blur_sigma: float,
     batch_size: int,
 ) -> xr.Dataset:
-    batch = prepare_inputs(model, inputs, _image_ids(maps))
-    saliency = maps_as_tensor(maps, batch)
+    batch, saliency = inputs_with_maps(model, inputs, maps)
     logits = logits_of(module_of(model), batch.tensor, batch_size)
     classes = targets_for(model, maps, target, logits)
     n_pixels = int(saliency.shape[1] * saliency.shape[2])

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of, prepare_inputs
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
     batched_probabilities,
     chunks,
+    inputs_with_maps,
     logits_of,
-    maps_as_tensor,
     protocol_attrs,
     targets_for,
 )
@@ -119,8 +119,7 @@ def average_drop_increase(
     """
     if space not in SPACES:
         raise ScorecamError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
-    batch = prepare_inputs(model, inputs, _image_ids(maps))
-    saliency = maps_as_tensor(maps, batch)
+    batch, saliency = inputs_with_maps(model, inputs, maps)
     module = module_of(model)
     logits = logits_of(module, batch.tensor, batch_size)
     classes = targets_for(model, maps, target, logits)
@@ -158,9 +157,3 @@ def average_drop_increase(
             **protocol_attrs(protocol),
         },
     )
-
-
-def _image_ids(maps: MapsLike) -> list[str] | None:
-    if isinstance(maps, xr.DataArray) and "image" in maps.coords:
-        return [str(v) for v in np.atleast_1d(maps.coords["image"].values)]
-    return None

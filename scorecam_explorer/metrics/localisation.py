@@ -20,15 +20,11 @@ from typing import Any, Union
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.errors import NonFiniteError, ScorecamError
+from scorecam_explorer.errors import BoxError, NonFiniteError, ScorecamError
 from scorecam_explorer.metrics._common import protocol_attrs
 
 Box = Sequence[float]
 BoxesLike = Union[Mapping[str, Union[Box, Sequence[Box]]], Sequence[Union[Box, Sequence[Box]]]]
-
-
-class BoxError(ScorecamError, ValueError):
-    """A bounding box that is malformed, empty, or not inside the image."""
 
 
 def box_mask(box: Box, height: int, width: int) -> np.ndarray:

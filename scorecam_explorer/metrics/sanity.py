@@ -41,8 +41,8 @@ from scorecam_explorer.baselines import (
     ModelLike,
     TargetLike,
     class_names_of,
+    model_inputs,
     module_of,
-    prepare_inputs,
     resolve_layer,
 )
 from scorecam_explorer.errors import ScorecamError, did_you_mean
@@ -156,7 +156,7 @@ def sanity_check(
     """
     if method not in SANITY_METHODS:
         raise ScorecamError(f"unknown method {method!r}; choose one of {', '.join(SANITY_METHODS)}.{did_you_mean(method, SANITY_METHODS)}")
-    batch = prepare_inputs(model, inputs)
+    batch = model_inputs(model, inputs)
     original_module = module_of(model)
     layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
     logits = logits_of(original_module, batch.tensor, batch_size)
