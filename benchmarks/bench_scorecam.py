@@ -22,7 +22,8 @@ because a shared machine's speed drifts):
    pytorch-grad-cam paying every pass again per class (10 x its measured single run).
 4. Recomposing a map from the cache (new class / preset / channel subset): median latency.
 5. The floor: (forwarded channels + 2) x one forward per image at the best batch size, in
-   the same configuration (BatchNorm folded, channels-last, float32, same allocator),
+   the same configuration (BatchNorm folded, convolutions fused with their ReLU / addition,
+   channels-last, float32, same allocator),
    measured right after each of our runs; the ratio ours / floor is taken per round.
 6. Peak memory (resident set, fresh processes) for layers of 320 and 1280 channels.
 
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     first_call_bf16, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam", precision="bfloat16")
     # the floor is measured right after each of our runs: a shared machine's speed drifts
     # between rounds by more than the gap being measured
-    masked_module = runtime.folded_batchnorm(lite0.module, (lite0.fingerprint(), "cpu")) or lite0.module
+    folded = runtime.folded_batchnorm(lite0.module, (lite0.fingerprint(), "cpu"), channels_last=True)
+    masked_module = (runtime.fused_copy(folded) or folded) if folded is not None else lite0.module
     floors: list[tuple[float, float, object]] = []  # (ours / floor, seconds per image, plan)
     for _ in range(repeats):
         seconds, cache = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")

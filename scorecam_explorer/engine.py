@@ -13,8 +13,8 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ def compute_cache(
     image_ids: Sequence[str] | None = None,
     tune_allocator: bool = True,
     fold_batchnorm: bool = True,
+    fuse_pointwise: bool = True,
     adapt_threads: bool = True,
 ) -> xr.DataTree:
     """Run the unmasked, baseline and masked forward passes and return the cache.
@@ -79,6 +80,10 @@ def compute_cache(
             folded into the convolution before it (same function, float32 rounding
             differences only; see :func:`scorecam_explorer.runtime.folded_batchnorm`).
             Not done when the model carries forward hooks, so that they see every pass.
+        fuse_pointwise: on a CPU in float32, also run each convolution of the folded copy
+            fused with the ReLU / ReLU6 / residual addition after it (one oneDNN call, the
+            same values; see :mod:`scorecam_explorer.fusion`). Each copy is checked once
+            against the model's own output and never used if it differs.
         adapt_threads: on a CPU, also try the masked passes with one thread, and keep
             what was fastest for this model (torch's thread count is restored when
             compute returns). False leaves ``torch.get_num_threads()`` alone.
@@ -111,19 +116,28 @@ def compute_cache(
             torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
         folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)), channels_last)
-        with forward_call_counter(module) as calls, forward_call_counter(folded) as folded_calls:
+        fused = (
+            runtime.fused_copy(folded)
+            if fuse_pointwise and folded is not module and compute_device.type == "cpu" and precision == "float32"
+            else None
+        )
+        # faster copies first, each with what to do when it does not reproduce the model
+        copies = [
+            (candidate, reject)
+            for candidate, reject in (
+                (fused, lambda: runtime.reject_fused(folded)),
+                (folded, lambda: runtime.reject_folded(module)),
+            )
+            if candidate is not None and candidate is not module
+        ]
+        with ExitStack() as counters:
+            calls = [counters.enter_context(forward_call_counter(m)) for m in (module, *(c for c, _ in copies))]
             activations, logits = _capture_in_chunks(module, on_device, layer_names)
             if logits.shape[1] != len(names):
                 raise ScorecamError(
                     f"the model has {logits.shape[1]} outputs but {len(names)} class names were given."
                 )
-            masked_model = module
-            if folded is not module:
-                if runtime.folded_verified(folded) or _same_function(folded, on_device, logits):
-                    runtime.accept_folded(folded)  # checked once: the same function for any input
-                    masked_model = folded
-                else:  # folding changed what the model computes: run the model as it is
-                    runtime.reject_folded(module)
+            masked_model = _checked_copy(module, copies, on_device, logits)
             baseline = torch.cat(
                 [
                     baseline_logits(masked_model, chunk, precision=precision, channels_last=channels_last)
@@ -143,7 +157,7 @@ def compute_cache(
                 channels_last=channels_last,
                 progress=progress,
             )
-        forward_passes = calls[0] + (folded_calls[0] if folded is not module else 0)
+        forward_passes = sum(count[0] for count in calls)
 
     return build_cache(
         pictures=pictures,
@@ -209,6 +223,20 @@ def _folded_model(module: nn.Module, fold: bool, key: tuple, channels_last: bool
     if not fold or runtime.has_hooks(module):
         return module
     return runtime.folded_batchnorm(module, key, channels_last=channels_last) or module
+
+
+def _checked_copy(
+    module: nn.Module, copies: Sequence[tuple[nn.Module, Callable[[], None]]], inputs: torch.Tensor, logits: torch.Tensor
+) -> nn.Module:
+    """The first copy (fastest first) that reproduces the model's unmasked ``logits``,
+    checked once per copy (the same function for any input); else the model itself. A
+    copy that differs is rejected for good with its ``reject``."""
+    for candidate, reject in copies:
+        if runtime.folded_verified(candidate) or _same_function(candidate, inputs, logits):
+            runtime.accept_folded(candidate)
+            return candidate
+        reject()
+    return module
 
 
 def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor) -> bool:

@@ -378,11 +378,38 @@ def reject_folded(module: nn.Module) -> None:
     _FOLDED[module] = (None, None)
 
 
+_FUSED: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
+
+
+def fused_copy(folded: nn.Module) -> nn.Module | None:
+    """The folded copy with its convolutions fused with the ReLU / ReLU6 / residual addition
+    after them (:func:`scorecam_explorer.fusion.fuse_pointwise`; CPU float32 only), made
+    once per folded copy; None when nothing fuses, the operators are missing, or the fused
+    copy was rejected (:func:`reject_fused`)."""
+    if folded in _FUSED:
+        return _FUSED[folded]
+    from scorecam_explorer.fusion import fuse_pointwise
+
+    fused = None
+    if isinstance(folded, fx.GraphModule):
+        try:
+            fused = fuse_pointwise(folded)
+        except Exception:  # noqa: BLE001 - a graph the rewrite does not understand simply runs unfused
+            fused = None
+    _FUSED[folded] = fused
+    return fused
+
+
+def reject_fused(folded: nn.Module) -> None:
+    """Remember that the fused copy of ``folded`` did not reproduce the model: never use it."""
+    _FUSED[folded] = None
+
+
 _VERIFIED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def accept_folded(folded: nn.Module) -> None:
-    """Remember that a folded copy reproduced its model's output (no need to check again)."""
+    """Remember that a folded (or fused) copy reproduced its model's output (no need to check again)."""
     _VERIFIED.add(folded)
 
 
