@@ -69,7 +69,8 @@ DEFAULT_APP_LAYERS: dict[str, tuple[str, ...]] = {
 layer scrubber has something to scrub while the first run stays short on a CPU."""
 
 # JupyterLab-only front-end extensions that fail to load in Voila's page (console error).
-_VOILA_EXTENSION_DENYLIST = ["@voila-dashboards/jupyterlab-preview"]
+# front-end extensions installed beside Voila (JupyterLab, Notebook 7) that the app page does not use
+_VOILA_EXTENSION_DENYLIST = ["@voila-dashboards/jupyterlab-preview", "@jupyter-notebook/lab-extension"]
 
 
 class PortInUseError(ScorecamError, OSError):

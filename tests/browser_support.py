@@ -89,9 +89,15 @@ def _known_outside(url: str) -> bool:
     return url.startswith(KNOWN_OUTSIDE_REQUESTS)
 
 
+PLOTLY_WARNING = "WARN: "
+"""How plotly.js starts a warning it logs (with ``console.trace``), such as "Invalid color
+specifier": a figure given values plotly.js does not accept."""
+
+
 @dataclass
 class PageWatch:
-    """Everything a page did wrong: uncaught errors, console errors, outside requests.
+    """Everything a page did wrong: uncaught errors, console errors, plotly.js warnings,
+    outside requests.
 
     Every request that is not to 127.0.0.1 or localhost is blocked. The only ones allowed to
     be attempted are :data:`KNOWN_OUTSIDE_REQUESTS` (Voila's template asks a CDN for an icon
@@ -100,7 +106,10 @@ class PageWatch:
 
     page_errors: list[str] = field(default_factory=list)
     console_errors: list[tuple[str, str]] = field(default_factory=list)
+    plotly_warnings: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    harmless_page_errors: tuple[str, ...] = ()
+    """Page errors of the notebook application itself, known to occur with any notebook."""
 
     def attach(self, page: Any) -> None:
         """Block outside requests and record errors of ``page``."""
@@ -120,15 +129,20 @@ class PageWatch:
     def _on_console(self, message: Any) -> None:
         if message.type == "error":
             self.console_errors.append((message.text, str(message.location.get("url", ""))))
+        elif message.text.startswith(PLOTLY_WARNING):
+            self.plotly_warnings.append(message.text[len(PLOTLY_WARNING) :])
 
     def problems(self) -> list[str]:
         """The errors that are not known to be harmless, one line each."""
-        found = [f"page error: {text}" for text in self.page_errors]
+        found = [f"page error: {text}" for text in self.page_errors if text not in self.harmless_page_errors]
         found += [f"request outside 127.0.0.1 (blocked): {url}" for url in self.blocked if not _known_outside(url)]
         for text, url in self.console_errors:
             if text.startswith("Failed to load resource") and url in self.blocked and _known_outside(url):
                 continue
             found.append(f"console error: {text} ({url})" if url else f"console error: {text}")
+        for text in dict.fromkeys(self.plotly_warnings):  # once each, however often it was logged
+            count = self.plotly_warnings.count(text)
+            found.append(f"plotly.js warning: {text}" + (f" ({count} times)" if count > 1 else ""))
         return found
 
     def assert_clean(self, where: str) -> None:

@@ -6,9 +6,12 @@
    pixel, ``compose.scorecam`` for the state the page shows, coloured with the same table.
 2. ``notebooks/01_quickstart.ipynb`` in JupyterLab (a copy: Lab autosaves): Run All, no
    error output, and the first explorer's map follows its top-k slider.
+3. A notebook that opens the explorer on the saved cache of 1., in Jupyter Notebook 7: Run
+   All, the map is the library's, a bar per channel, and the map follows the top-k slider.
 
-The page may talk to 127.0.0.1 only; page errors and console errors fail the test (the one
-harmless exception: the CDN stylesheet Voila's template asks for, which we block).
+The page may talk to 127.0.0.1 only; page errors, console errors and plotly.js warnings
+(such as "Invalid color specifier") fail the test (the one harmless exception: the CDN
+stylesheet Voila's template asks for, which we block).
 Screenshots of every state go to ``test-artifacts/browser/``; see ``docs/browser-tests.md``.
 """
 
@@ -19,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,7 +323,7 @@ def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
 # ---- JupyterLab: the quickstart notebook ---------------------------------------------------
 
 QUICKSTART = REPO_ROOT / "notebooks" / "01_quickstart.ipynb"
-LAB_VIEWPORT = {"width": 1600, "height": 2400}  # the explorer is 920 px wide; Lab's file browser takes 250
+LAB_VIEWPORT = {"width": 1600, "height": 2400}  # the explorer is up to 920 px wide; Lab's file browser takes 250
 NOTEBOOK_TIMEOUT = 420.0  # Run All of the quickstart (it computes its caches) on a busy 2-core machine
 
 LAB_SETTINGS = {
@@ -485,3 +489,113 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
                        page=page, what=f"the map's subtitle to say {top_k} of {total} channels")
             screenshot(page, "lab-02-top-k")
             watch.assert_clean("the quickstart notebook in JupyterLab")
+
+
+# ---- Jupyter Notebook 7: an explorer over a saved cache ---------------------------------------
+
+NOTEBOOK7_VIEWPORT = {"width": 1200, "height": 2400}
+NOTEBOOK7_OWN_ERRORS = ("TypeError: Cannot read properties of undefined (reading 'schema')",)
+"""Notebook 7.6.5's keyboard-shortcuts plugin raises this while it loads the settings, with a
+notebook that holds only ``1 + 1`` too: Notebook's error, not the explorer's."""
+
+
+def notebook7_command(port: int, notebook_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "notebook", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+        "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=", "--allow-root",
+        f"--ServerApp.root_dir={notebook_dir}",
+    ]
+
+
+def explorer_notebook(path: Path, cache: Path) -> None:
+    """A one-cell notebook that opens the explorer on ``cache`` (no model, no torch)."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [
+        nbformat.v4.new_code_cell(f"from scorecam_explorer import Explorer\n\nExplorer.from_cache_file({str(cache)!r})")
+    ]
+    nbformat.write(notebook, path)
+
+
+def kernels_idle(server: Server) -> bool:
+    """The server runs a kernel and every kernel is idle (its REST API, as no status bar shows it)."""
+    with urllib.request.urlopen(server.url("/api/kernels"), timeout=5) as response:
+        kernels = json.loads(response.read())
+    return bool(kernels) and all(kernel.get("execution_state") == "idle" for kernel in kernels)
+
+
+@pytest.mark.slow
+def test_explorer_in_notebook7(app_cache: Path, tmp_path: Path) -> None:
+    """Notebook 7 (``jupyter notebook``, the /notebooks/ page): run a notebook that opens the
+    explorer; the map is the library's, the channel chart has a bar per channel, and the
+    top-k slider recomposes the map."""
+    from scorecam_explorer import load_cache
+
+    notebook_dir = tmp_path / "notebooks"
+    notebook_dir.mkdir()
+    path = notebook_dir / "explorer.ipynb"
+    explorer_notebook(path, app_cache)
+    cache = load_cache(app_cache)
+    layer = CACHE_LAYERS[-1]
+    n_channels = int(cache[layer].sizes["channel"])
+    port = free_port()
+    watch = PageWatch(harmless_page_errors=NOTEBOOK7_OWN_ERRORS)
+    with running_server(
+        notebook7_command(port, notebook_dir), port=port, ready_path="/api", log_path=ARTIFACTS / "notebook7.log",
+        env=write_lab_environment(tmp_path), cwd=notebook_dir,
+    ) as server, chromium_browser() as browser:
+        expected = AppUnderTest(server, cache, int(np.argmax(cache["logits"].values[0])))  # opens on the top-1 class
+        page = browser.new_page(viewport=NOTEBOOK7_VIEWPORT)
+        watch.attach(page)
+        with screenshot_on_failure(page, "notebook7-failure"):
+            page.goto(server.url(f"/notebooks/{path.name}"), timeout=PAGE_TIMEOUT * 1000)
+            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
+            wait_until(lambda: kernels_idle(server), timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
+
+            # Run All from the Run menu, again until the cell starts (as in JupyterLab: a Run All
+            # chosen before the kernel is connected does nothing, or asks for a kernel).
+            def started() -> bool:
+                text = dialog_text(page)
+                if text.startswith("Select Kernel") and all(p == "[ ]:" for p in cell_prompts(page)):
+                    page.locator(".jp-Dialog").get_by_role("button", name="Select").click()
+                    return False
+                return bool(text) or any(p != "[ ]:" for p in cell_prompts(page))
+
+            for _attempt in range(4):
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+                try:
+                    wait_until(started, timeout=20, page=page, what="the cell to start")
+                    break
+                except AssertionError:
+                    continue
+            assert not dialog_text(page), f"Notebook 7 shows a dialog: {dialog_text(page)!r}"
+            wait_until(lambda: all(re.fullmatch(r"\[\d+\]:", p) for p in cell_prompts(page)) and kernels_idle(server),
+                       timeout=PAGE_TIMEOUT, page=page, what="the cell to finish", interval=1.0)
+            # An exception is drawn as a stderr output holding its traceback.
+            stderr = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+            tracebacks = [text for text in stderr.all_inner_texts() if "Traceback" in text or "Error" in text]
+            assert not tracebacks, f"the cell failed in Notebook 7: {tracebacks}"
+
+            # The explorer rendered: its map (the library's map for the deepest layer) and a bar per channel.
+            try:
+                wait_for_page(page, watch)
+            except AssertionError as error:
+                raise AssertionError(f"{error}; figures: {[f['title'] for f in figures(page)]}") from None
+            check_map(page, expected, "the explorer in Notebook 7", layer)
+            chart = check_figures_follow(page, layer, n_channels, "the explorer in Notebook 7", watch)
+            assert len(decode_typed_array(chart["traces"][0]["customdata"])) == n_channels
+            screenshot(page, "notebook7-01-executed")
+
+            # ... and responds: drag the top-k slider, the map is recomposed from the top k.
+            previous = map_source(page)
+            top_k_slider = slider(page, "Top k")
+            drag_slider(page, top_k_slider, 0.25)
+            top_k = int(wait_until(lambda: (text := slider_readout(top_k_slider)) != str(n_channels) and text,
+                                   timeout=10, page=page, what="the top-k readout to move"))
+            wait_for_new_map(page, previous, "dragging the top-k slider in Notebook 7", watch)
+            wait_until(lambda: f"{top_k} of {n_channels} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
+                       page=page, what=f"the map's subtitle to say {top_k} of {n_channels} channels")
+            check_map(page, expected, f"Notebook 7, after top k = {top_k}", layer, top_k=top_k)
+            screenshot(page, "notebook7-02-top-k")
+            watch.assert_clean("the explorer in Notebook 7")

@@ -4,6 +4,7 @@ compose (and numpy) for that state; plus the analysis helpers it draws from."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ from scorecam_explorer.explorer.model_link import merge_layers
 from scorecam_explorer.explorer.plotly_loader import FigureWidget, PlotlyBundle, _bundle_text
 from scorecam_explorer.explorer.recomposer_panel import parse_channels
 from scorecam_explorer.explorer.state import ExplorerState, kept_channels
-from scorecam_explorer.figures import decode_image_uri
+from scorecam_explorer.figures import decode_image_uri, style
 from scorecam_explorer.figures.encoding import DIVERGING, colorize, decode_typed_array
 from scorecam_explorer.presets import PRESETS
 
@@ -92,6 +93,7 @@ def figures_of(explorer: Explorer) -> dict:
         "detail": explorer.channels.detail,
         "gallery": explorer.channels.gallery,
         "compare": explorer.compare.figure,
+        "metrics": explorer.metrics.figure,
     }
 
 
@@ -151,6 +153,25 @@ def test_picture_picker_switches_image(explorer, cache) -> None:
     assert np.array_equal(decode_image_uri(explorer.map.figure.widget.data[0].source), cache["picture"].isel(image=1).values)
 
 
+def test_map_hover_layer_holds_the_shown_maps_values(explorer, cache) -> None:
+    """The invisible heatmap over the map: its values are compose's map at its grid pixels."""
+    explorer.recomposer.top_k.value = 2
+    explorer.recomposer.switched_off.value = "1"
+    s = explorer.state.selection
+    n = explorer.state.channel_count()
+    on = np.ones(n, dtype=bool)
+    on[1] = False
+    expected = scorecam(cache, s.layer, s.target, image=0, top_k=2, channels=on).values
+    hover = explorer.map.figure.widget.data[3]
+    assert hover.type == "heatmap" and hover.name == "map value"
+    rows, cols = np.asarray(hover.y), np.asarray(hover.x)
+    assert rows.min() >= 0 and rows.max() < expected.shape[0] and cols.max() < expected.shape[1]
+    z = decode_typed_array(hover.z)
+    assert z.shape == (rows.size, cols.size)
+    assert np.array_equal(z, expected[np.ix_(rows, cols)].astype(np.float32))
+    assert "%{z" in hover.hovertemplate and "%{x}" in hover.hovertemplate
+
+
 def test_opacity_and_colour_scale(explorer, cache) -> None:
     log = MessageLog(figures_of(explorer))
     explorer.map.opacity.value = 0.8
@@ -173,7 +194,8 @@ def test_top_k_slider_recomposes_and_marks_the_fidelity_curve(explorer, cache) -
     marker = explorer.recomposer.figure.widget.data[1]
     assert marker.x == (3,)
     assert marker.y[0] == pytest.approx(np.corrcoef(top.values.ravel(), full.values.ravel())[0, 1], abs=1e-9)
-    assert "<b>3</b> heaviest" in explorer.recomposer.summary.value
+    assert "top <b>3</b> of" in explorer.recomposer.summary.value
+    assert f"<b>{marker.y[0]:.3f}</b>" in explorer.recomposer.summary.value
 
 
 def test_switching_channels_off_by_text_click_and_reset(explorer, cache) -> None:
@@ -255,10 +277,38 @@ def test_channel_box_and_toggle_button(explorer, cache) -> None:
     explorer.channels.toggle.click()
     assert 4 in explorer.state.selection.switched_off
     assert "on" in explorer.channels.toggle.description
-    status = dict(zip(explorer.state.order().tolist(), explorer.channels.bars.widget.data[0].marker.color))
-    assert status[4] == 3  # selected wins over switched off in the colour
+    marker = explorer.channels.bars.widget.data[0].marker
+    order = explorer.state.order().tolist()
+    fill, outline = dict(zip(order, marker.color)), dict(zip(order, marker.line.color))
+    width = dict(zip(order, marker.line.width))
+    # inspected and switched off: grey like every switched-off bar, with the inspected orange outline
+    assert fill[4] == style.SWITCHED_OFF and outline[4] == style.SELECTED and width[4] > 0
+    assert all(w == 0 for channel, w in width.items() if channel != 4)
     explorer.channels.toggle.click()
     assert 4 not in explorer.state.selection.switched_off
+    marker = explorer.channels.bars.widget.data[0].marker
+    fill, width = dict(zip(order, marker.color)), dict(zip(order, marker.line.width))
+    assert fill[4] == style.SELECTED and width[4] == 0
+    assert "inspected, switched off" in explorer.channels.legend.value
+
+
+def test_bar_colours_reach_the_browser_as_css_colour_strings(explorer) -> None:
+    """plotly.js warns 'Invalid color specifier' for every bar given numbers or a typed array."""
+    explorer.channels.channel.value = 3
+    explorer.recomposer.switched_off.value = "2, 5"
+    explorer.recomposer.top_k.value = 3
+    for marker in (explorer.channels.bars.spec["data"][0]["marker"], explorer.channels.bars.widget.data[0].marker):
+        colours = [*marker["color"], *marker["line"]["color"]]
+        assert len(colours) == 2 * explorer.state.channel_count()
+        assert all(isinstance(colour, str) and re.fullmatch(r"#[0-9a-f]{6}", colour) for colour in colours)
+    kept = explorer.state.kept()
+    fill = dict(zip(explorer.state.order().tolist(), explorer.channels.bars.spec["data"][0]["marker"]["color"]))
+    for channel, colour in fill.items():
+        expected = (
+            style.SWITCHED_OFF if channel in (2, 5) else style.SELECTED if channel == 3
+            else style.KEPT if kept[channel] else style.NOT_KEPT
+        )
+        assert colour == expected, channel
 
 
 def test_gallery_shows_the_first_channels_contributions(explorer, cache) -> None:

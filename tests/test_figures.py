@@ -30,7 +30,17 @@ from scorecam_explorer.figures import (
     map_spec,
 )
 from scorecam_explorer.figures import style
-from scorecam_explorer.figures.channels import BEYOND_TOP_K, IN_MAP, OFF, SELECTED, STATUS_COLORSCALE
+from scorecam_explorer.figures.channels import (
+    BEYOND_TOP_K,
+    IN_MAP,
+    OFF,
+    SELECTED,
+    SELECTED_OFF,
+    STATUS_LEGEND,
+    bar_status,
+)
+from scorecam_explorer.figures.fidelity import log_ticks
+from scorecam_explorer.figures.map import hover_grid
 from scorecam_explorer.figures.encoding import (
     DIVERGING,
     colorize,
@@ -121,7 +131,7 @@ def test_typed_arrays_round_trip_with_plotly_dtype_codes() -> None:
 def test_map_spec_draws_the_photo_and_exactly_the_coloured_map() -> None:
     photo, values = picture(), saliency()
     spec = map_spec(photo, values, opacity=0.3, colormap="turbo")
-    photo_trace, map_trace, bar = spec["data"]
+    photo_trace, map_trace, bar, _hover = spec["data"]
     assert np.array_equal(decode_image_uri(photo_trace["source"]), photo.values)
     assert np.array_equal(decode_image_uri(map_trace["source"]), apply_colormap(values.values, "turbo"))
     assert map_trace["opacity"] == 0.3
@@ -131,10 +141,26 @@ def test_map_spec_draws_the_photo_and_exactly_the_coloured_map() -> None:
     assert spec["layout"]["width"] <= style.COLUMN_WIDTH
 
 
+@pytest.mark.parametrize("size", [16, 224, 225])
+def test_map_hover_layer_holds_the_map_values_at_its_grid(size: int) -> None:
+    photo, values = picture(size), saliency(size)
+    hover = map_spec(photo, values)["data"][3]
+    assert hover["type"] == "heatmap" and "%{z" in hover["hovertemplate"]
+    rows, cols = hover["y"], hover["x"]
+    z = decode_typed_array(hover["z"])
+    assert z.shape == (len(rows), len(cols)) and max(z.shape) <= 56
+    assert np.array_equal(z, values.values[np.ix_(rows, cols)])  # exactly the map, where sampled
+    # one cell per step x step block of pixels, centred on its middle pixel
+    step = 1 if size <= 56 else int(np.ceil(size / 56))
+    assert np.array_equal(rows, np.arange(step // 2, size, step)) and np.array_equal(rows, cols)
+    assert (hover_grid((size, size))[0] == rows).all()
+    assert all(color.endswith(",0)") for _, color in hover["colorscale"])  # draws nothing
+
+
 def test_map_figure_is_a_valid_plotly_figure() -> None:
     figure = map_figure(picture(), saliency(), subtitle="p = 38%")
     assert isinstance(figure, go.Figure)
-    assert [trace.type for trace in figure.data] == ["image", "image", "scatter"]
+    assert [trace.type for trace in figure.data] == ["image", "image", "scatter", "heatmap"]
     assert figure.layout.annotations[0].text == "p = 38%" and figure.layout.annotations[0].visible
 
 
@@ -185,13 +211,31 @@ def test_channel_bar_colours_show_selected_off_and_beyond_top_k() -> None:
     data = contributions(6)
     kept = np.array([True, True, False, False, True, True])
     spec = channel_bar_spec(data, sort_by="weight", selected=4, switched_off={5}, kept=kept)
-    order = channel_order(data, "weight")
-    status = dict(zip(order.tolist(), spec["data"][0]["marker"]["color"].tolist()))
-    assert status == {0: IN_MAP, 1: IN_MAP, 2: BEYOND_TOP_K, 3: BEYOND_TOP_K, 4: SELECTED, 5: OFF}
-    # the stepped colour scale gives each code one colour
-    scale = dict(STATUS_COLORSCALE)
-    assert len(set(scale.values())) == 4
+    order = channel_order(data, "weight").tolist()
+    marker = spec["data"][0]["marker"]
+    fill = dict(zip(order, marker["color"]))
+    assert fill == {
+        0: style.KEPT, 1: style.KEPT, 2: style.NOT_KEPT, 3: style.NOT_KEPT, 4: style.SELECTED, 5: style.SWITCHED_OFF
+    }
+    assert marker["line"]["width"] == [0.0] * 6  # no outline unless inspected and switched off
+    # every colour is a CSS colour string: plotly.js warns about numbers and typed arrays as colours
+    assert all(isinstance(colour, str) for colour in [*marker["color"], *marker["line"]["color"]])
     assert isinstance(channel_bar_figure(data), go.Figure)
+
+
+def test_an_inspected_channel_switched_off_is_grey_with_an_orange_outline() -> None:
+    status = bar_status(4, selected=2, switched_off={2, 3}, kept=np.array([True, False, True, True]))
+    assert status.tolist() == [IN_MAP, BEYOND_TOP_K, SELECTED_OFF, OFF]
+    data = contributions(4)
+    spec = channel_bar_spec(data, sort_by="weight", selected=2, switched_off={2, 3}, kept=np.array([True, False, True, True]))
+    marker = spec["data"][0]["marker"]
+    position = channel_order(data, "weight").tolist().index(2)
+    assert marker["color"][position] == style.SWITCHED_OFF
+    assert marker["line"]["color"][position] == style.SELECTED and marker["line"]["width"][position] > 0
+    # the legend names each encoding once, the outlined one included
+    assert (style.SWITCHED_OFF, style.SELECTED, "inspected, switched off") in STATUS_LEGEND
+    assert len({(fill, outline) for fill, outline, _ in STATUS_LEGEND}) == len(STATUS_LEGEND)
+    assert isinstance(go.Figure(spec), go.Figure)  # Plotly accepts per-bar outline colours and widths
 
 
 def test_channel_detail_draws_activation_mask_and_masked_input() -> None:
@@ -237,7 +281,18 @@ def test_fidelity_spec_plots_the_curve_and_marks_the_current_k() -> None:
     assert marker["x"] == [4] and marker["y"] == [0.55]
     assert spec["layout"]["shapes"][0]["x0"] == 4
     assert spec["layout"]["xaxis"]["type"] == "log"
+    assert spec["layout"]["xaxis"]["tickvals"] == [1, 10] and spec["layout"]["xaxis"]["ticktext"] == ["1", "10"]
     assert isinstance(fidelity_figure(curve, current_k=4, current_r=0.55), go.Figure)
+
+
+@pytest.mark.parametrize("count", [1, 2, 9, 10, 14, 15, 40, 99, 100, 999, 1000, 1280, 2048])
+def test_fidelity_ticks_are_powers_of_ten_and_the_channel_count(count: int) -> None:
+    ticks = log_ticks(count)
+    assert ticks[-1] == count and ticks == sorted(set(ticks))
+    decades = [tick for tick in ticks[:-1]]
+    assert all(np.log10(tick).is_integer() for tick in decades)
+    # every power of ten up to count / 1.5 is there; none closer to count (labels would overlap)
+    assert decades == [10**p for p in range(0, 5) if 10**p * 1.5 <= count]
 
 
 def test_grid_cells_fit_the_figure_and_do_not_overlap() -> None:

@@ -7,8 +7,8 @@
     Explorer.from_cache_file("chelsea.zarr")          # no torch needed
 
 Interacting reads only the cache (no forward pass, no torch). A model, when attached, is
-used for two things only: computing a layer that is not cached, and Grad-CAM / Grad-CAM++
-in Compare.
+used for three things only: computing a layer that is not cached, Grad-CAM / Grad-CAM++ in
+Compare, and deletion / insertion of the map shown in Metrics (on a button press).
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from scorecam_explorer.explorer.channels_panel import ChannelsPanel
 from scorecam_explorer.explorer.compare_panel import ComparePanel
 from scorecam_explorer.explorer.controls import Controls
 from scorecam_explorer.explorer.map_panel import MapPanel
+from scorecam_explorer.explorer.metrics_panel import MetricsPanel
 from scorecam_explorer.explorer.model_link import ModelLink, ModelSource
 from scorecam_explorer.explorer.plotly_loader import PlotlyBundle
 from scorecam_explorer.explorer.recomposer_panel import RecomposerPanel
 from scorecam_explorer.explorer.state import ExplorerState
 
-WIDTH = "920px"
+MAX_WIDTH = "920px"
+"""The explorer fills its column up to this width; in a narrower one the map and recompose
+panels stack and the full-width figures scroll sideways."""
 
 
 def _heading(text: str, help_text: str = "") -> widgets.HTML:
@@ -43,13 +46,14 @@ def _heading(text: str, help_text: str = "") -> widgets.HTML:
 
 class Explorer:
     """Score-CAM, channel by channel, live: map, layer scrubber, channel inspector,
-    recomposer and compare panels over a cache.
+    recomposer, compare and metrics panels over a cache.
 
     Args:
         cache: a cache from ``compute_cache`` or ``load_cache`` (``docs/cache.md``).
         model: optional; a LoadedModel, an ``nn.Module``, or a function returning a
             LoadedModel (loaded on first use). Enables computing layers that are not cached
-            and Grad-CAM / Grad-CAM++ in Compare. Its weights must be the cache's.
+            Grad-CAM / Grad-CAM++ in Compare, and the Metrics panel's deletion / insertion.
+            Its weights must be the cache's.
         layer: the layer to show first (default: the deepest cached layer).
         target: class index or name to show first (default: the top-1 class).
         preset: ``paper``, ``official``, ``pytorch-grad-cam`` or ``torchcam``.
@@ -79,6 +83,7 @@ class Explorer:
         self.recomposer = RecomposerPanel(self.state)
         self.channels = ChannelsPanel(self.state)
         self.compare = ComparePanel(self.state, self.model)
+        self.metrics = MetricsPanel(self.state, self.model)
         self.widget = self._layout()
 
     # ---- construction -------------------------------------------------------------------
@@ -139,14 +144,17 @@ class Explorer:
                     [
                         widgets.VBox([_heading("Map", "the map over the photo"), self.map.widget]),
                         widgets.VBox([_heading("Recompose", "keep the k heaviest channels"), self.recomposer.widget]),
-                    ]
+                    ],
+                    layout=widgets.Layout(flex_flow="row wrap"),
                 ),
                 _heading("Channels", "every channel's weight; click one to inspect it"),
                 self.channels.widget,
                 _heading("Compare", "two maps and their difference"),
                 self.compare.widget,
+                _heading("Metrics", "deletion and insertion of the map shown; needs the model"),
+                self.metrics.widget,
             ],
-            layout=widgets.Layout(width=WIDTH, padding="4px"),
+            layout=widgets.Layout(width="100%", max_width=MAX_WIDTH, padding="4px"),
         )
 
     def _convention_name(self) -> str:

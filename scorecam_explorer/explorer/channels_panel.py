@@ -8,12 +8,25 @@ import html
 import ipywidgets as widgets
 import numpy as np
 
-from scorecam_explorer.explorer.panel import LiveFigure, Panel
+from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState, Selection
 from scorecam_explorer.figures import SORT_KEYS, channel_bar_spec, channel_detail_spec, gallery_spec
+from scorecam_explorer.figures.channels import STATUS_LEGEND
 
 CLICK_MODES = {"inspect": "inspect it", "toggle": "switch it off / on"}
 """What a click on a bar does."""
+
+
+def legend_html() -> str:
+    """The bar colours and what they mean, as a row of small swatches."""
+    swatches = "".join(
+        f"<span style='display:inline-block;margin-right:12px;white-space:nowrap'>"
+        f"<span style='display:inline-block;width:10px;height:10px;background:{fill};vertical-align:-1px;"
+        f"margin-right:4px;box-sizing:border-box;border:{'2px solid ' + outline if outline else 'none'}'></span>"
+        f"{html.escape(meaning)}</span>"
+        for fill, outline, meaning in STATUS_LEGEND
+    )
+    return f"<div style='font-size:12px;color:#444;margin:2px 0 0 4px;line-height:1.6'>{swatches}</div>"
 
 
 class ChannelsPanel(Panel):
@@ -38,10 +51,11 @@ class ChannelsPanel(Panel):
             description="Click a bar to",
             options=[(label, key) for key, label in CLICK_MODES.items()],
             value="inspect",
-            style={"button_width": "130px", "description_width": "initial"},
+            style={"button_width": "150px", "description_width": "initial"},
         )
         self.toggle = widgets.Button(layout=widgets.Layout(width="190px"))
         self.scores = widgets.HTML()
+        self.legend = widgets.HTML(legend_html())
         self._order = state.order(selection)
         self.bars = LiveFigure(self._bar_spec(selection))
         self.detail = LiveFigure(self._detail_spec(selection))
@@ -50,15 +64,17 @@ class ChannelsPanel(Panel):
         self.sort_by.observe(lambda change: self.apply(sort_by=change["new"]), names="value")
         self.channel.observe(lambda change: self.apply(channel=int(change["new"])), names="value")
         self.toggle.on_click(lambda _button: self.toggle_channel(self.state.selection.channel))
+        wrap = widgets.Layout(flex_flow="row wrap")
         self._widget = widgets.VBox(
             [
-                widgets.HBox([self.sort_by]),
-                widgets.HBox([self.channel, self.toggle, self.click_mode]),
+                widgets.HBox([self.sort_by], layout=wrap),
+                widgets.HBox([self.channel, self.toggle, self.click_mode], layout=wrap),
                 self.message,
-                self.bars.widget,
-                self.detail.widget,
+                self.legend,
+                scrolling(self.bars.widget),
+                scrolling(self.detail.widget),
                 self.scores,
-                self.gallery.widget,
+                scrolling(self.gallery.widget),
             ]
         )
         self._sync(selection)

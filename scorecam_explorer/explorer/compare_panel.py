@@ -15,7 +15,7 @@ import xarray as xr
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer import analysis
 from scorecam_explorer.explorer.model_link import BASELINE_METHODS, ModelLink, gradient_map
-from scorecam_explorer.explorer.panel import LiveFigure, Panel
+from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState
 from scorecam_explorer.figures import compare_spec
 from scorecam_explorer.presets import PRESETS
@@ -36,8 +36,9 @@ class ComparePanel(Panel):
         self.model = model
         self._gradient_maps: dict[tuple, xr.DataArray] = {}
         modes = [(label, key) for key, label in MODES.items() if key != "methods" or model.available]
+        # Wide enough for the longest label, "Score-CAM vs gradients", in a notebook's font.
         self.mode = widgets.ToggleButtons(description="Compare", options=modes, value="presets",
-                                          style={"button_width": "160px"})
+                                          style={"button_width": "185px"})
         self.first = widgets.Dropdown(description="A", layout=widgets.Layout(width="340px"))
         self.second = widgets.Dropdown(description="B", layout=widgets.Layout(width="340px"))
         self._set_choices("presets")
@@ -45,7 +46,14 @@ class ComparePanel(Panel):
         self.mode.observe(self._on_mode, names="value")
         self.first.observe(lambda _change: self._redraw(), names="value")
         self.second.observe(lambda _change: self._redraw(), names="value")
-        self._widget = widgets.VBox([self.mode, widgets.HBox([self.first, self.second]), self.message, self.figure.widget])
+        self._widget = widgets.VBox(
+            [
+                self.mode,
+                widgets.HBox([self.first, self.second], layout=widgets.Layout(flex_flow="row wrap")),
+                self.message,
+                scrolling(self.figure.widget),
+            ]
+        )
 
     @property
     def widget(self) -> widgets.Widget:

@@ -40,7 +40,9 @@ class Controls(Panel):
     def __init__(self, state: ExplorerState, model: ModelLink) -> None:
         super().__init__(state)
         self.model = model
-        wide = widgets.Layout(width="auto")
+        def row() -> widgets.Layout:  # one Layout per row: hiding one row must not hide the others
+            return widgets.Layout(width="auto", flex_flow="row wrap")
+
         self.image = widgets.Dropdown(description="Picture", options=self._image_options(), layout=widgets.Layout(width="260px"))
         self.image.layout.display = "none" if len(state.image_ids) < 2 else None
         self.target = widgets.Dropdown(description="Class", layout=widgets.Layout(width="330px"))
@@ -65,7 +67,7 @@ class Controls(Panel):
             options=state.layers,
             continuous_update=True,
             readout=True,
-            layout=widgets.Layout(width="560px"),
+            layout=widgets.Layout(width="560px", max_width="100%"),
         )
         self.layer_info = widgets.HTML()
         self.preset_info = widgets.HTML()
@@ -76,7 +78,7 @@ class Controls(Panel):
             tooltip="load the model and list its layers that are not cached",
         )
         self.progress = widgets.Output(layout=widgets.Layout(width="100%"))
-        self.compute_row = widgets.HBox([self.load_model, self.new_layer, self.compute], layout=wide)
+        self.compute_row = widgets.HBox([self.load_model, self.new_layer, self.compute], layout=row())
         self.new_layer.layout.display = "none"
         self.compute.layout.display = "none"
         if not model.available:
@@ -92,9 +94,9 @@ class Controls(Panel):
 
         self._widget = widgets.VBox(
             [
-                widgets.HBox([self.image, self.target, self.search], layout=wide),
-                widgets.HBox([self.preset, self.preset_info], layout=wide),
-                widgets.HBox([self.layer, self.layer_info], layout=wide),
+                widgets.HBox([self.image, self.target, self.search], layout=row()),
+                widgets.HBox([self.preset, self.preset_info], layout=row()),
+                widgets.HBox([self.layer, self.layer_info], layout=row()),
                 self.compute_row,
                 self.progress,
                 self.message,

@@ -116,6 +116,12 @@ class LiveFigure:
             sync_full_state(self.widget)
 
 
+def scrolling(figure: widgets.Widget) -> widgets.Box:
+    """A full-width figure in a box that scrolls sideways when the column is narrower than
+    the figure (JupyterLab with its side bar open), instead of cutting it off."""
+    return widgets.Box([figure], layout=widgets.Layout(width="100%", overflow="auto hidden"))
+
+
 def message_html(text: str, kind: str = "error") -> str:
     """A short coloured note for a panel (``kind``: error, note)."""
     colour = {"error": "#b00020", "note": "#555"}.get(kind, "#555")

@@ -24,6 +24,16 @@ def parse_channels(text: str) -> frozenset[int]:
     return frozenset(ids)
 
 
+def summary_html(kept: int, switched_on: int, switched_off: int, r: float) -> str:
+    """Two short lines: which channels make the map, and its r with the full map."""
+    off = f" ({switched_off} off)" if switched_off else ""
+    return (
+        "<div style='font-size:13px;line-height:1.45;margin:2px 0 0 4px'>"
+        f"Map: top <b>{kept}</b> of {switched_on} channels on{off}<br>"
+        f"Pearson r with the full map: <b>{r:.3f}</b></div>"
+    )
+
+
 class RecomposerPanel(Panel):
     """Top-k slider, switched-off channels (typed or clicked in the channel chart), reset, curve."""
 
@@ -77,11 +87,7 @@ class RecomposerPanel(Panel):
             self.top_k.value = total if selection.top_k is None else selection.top_k
             self.switched_off.value = ", ".join(map(str, sorted(selection.switched_off)))
         r = self.state.current_fidelity(selection)
-        off = f", {len(selection.switched_off)} switched off" if selection.switched_off else ""
-        self.summary.value = (
-            f"<div style='font-size:13px'>Map from the <b>{kept}</b> heaviest of {switched_on} channels"
-            f"{off} · r with the full map = <b>{r:.3f}</b></div>"
-        )
+        self.summary.value = summary_html(kept, switched_on, len(selection.switched_off), r)
 
     def _on_text(self, change: dict) -> None:
         try:

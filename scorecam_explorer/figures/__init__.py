@@ -17,6 +17,7 @@ from scorecam_explorer.figures.channels import (
     gallery_figure,
     gallery_spec,
 )
+from scorecam_explorer.figures.curves import causal_curves_figure, causal_curves_spec
 from scorecam_explorer.figures.encoding import colorize, decode_image_uri, image_uri
 from scorecam_explorer.figures.fidelity import fidelity_figure, fidelity_spec
 from scorecam_explorer.figures.map import compare_figure, compare_spec, default_map_title, map_figure, map_spec
@@ -24,6 +25,8 @@ from scorecam_explorer.figures.map import compare_figure, compare_spec, default_
 __all__ = [
     "CUSTOMDATA",
     "SORT_KEYS",
+    "causal_curves_figure",
+    "causal_curves_spec",
     "channel_bar_figure",
     "channel_bar_spec",
     "channel_detail_figure",

@@ -54,30 +54,55 @@ def channel_order(contributions: xr.Dataset, sort_by: str) -> np.ndarray:
     return np.argsort(-values, kind="stable")
 
 
-IN_MAP, BEYOND_TOP_K, OFF, SELECTED = 0, 1, 2, 3
-"""Status codes of a bar, coloured through :data:`STATUS_COLORSCALE`."""
+IN_MAP, BEYOND_TOP_K, OFF, SELECTED, SELECTED_OFF = 0, 1, 2, 3, 4
+"""Status codes of a bar (:func:`bar_status`)."""
 
-STATUS_COLOURS = (style.KEPT, style.NOT_KEPT, style.SWITCHED_OFF, style.SELECTED)
-STATUS_COLORSCALE = tuple(
-    (position, colour)
-    for index, colour in enumerate(STATUS_COLOURS)
-    for position in (max(0.0, (index - 0.5) / 3), min(1.0, (index + 0.5) / 3))
+STATUS_FILL = (style.KEPT, style.NOT_KEPT, style.SWITCHED_OFF, style.SELECTED, style.SWITCHED_OFF)
+"""Fill colour of each status code: a switched-off channel is grey even when inspected."""
+STATUS_OUTLINE = (None, None, None, None, style.SELECTED)
+"""Outline colour of each status code (None: no outline): the inspected channel, when it is
+switched off, keeps an orange outline around its grey bar."""
+OUTLINE_WIDTH = 2.0
+
+STATUS_LEGEND = (
+    (style.KEPT, None, "in the map"),
+    (style.NOT_KEPT, None, "beyond the top k"),
+    (style.SWITCHED_OFF, None, "switched off"),
+    (style.SELECTED, None, "inspected"),
+    (style.SWITCHED_OFF, style.SELECTED, "inspected, switched off"),
 )
-"""A stepped colour scale over the codes 0..3 (cmin 0, cmax 3): numbers, not 1280 colour
-strings, go to the browser (Plotly checks every colour string, numbers it takes as they are)."""
+"""(fill, outline, meaning) of each bar colour, for a legend beside the chart."""
 
 
 def bar_status(
     n_channels: int, *, selected: int | None, switched_off: Collection[int], kept: np.ndarray | None
 ) -> np.ndarray:
-    """One status code per channel id: in the map, beyond the top k, switched off, selected."""
-    status = np.full(n_channels, IN_MAP, dtype=np.int32)
+    """One status code per channel id: in the map, beyond the top k, switched off, inspected,
+    or inspected and switched off."""
+    status = np.full(n_channels, IN_MAP, dtype=np.int8)
     if kept is not None:
         status[~np.asarray(kept, dtype=bool)] = BEYOND_TOP_K
     status[np.fromiter(switched_off, dtype=np.int64, count=len(switched_off))] = OFF
     if selected is not None and 0 <= selected < n_channels:
-        status[selected] = SELECTED
+        status[selected] = SELECTED_OFF if status[selected] == OFF else SELECTED
     return status
+
+
+def bar_marker(status: np.ndarray) -> dict[str, Any]:
+    """The bars' ``marker``: fill and outline colours as lists of CSS colour strings.
+
+    Plain strings, one per bar: plotly.js takes them as they are, whereas numbers through a
+    colour scale (or a typed array) make it warn "Invalid color specifier" for every bar.
+    """
+    outlines = tuple(outline or fill for fill, outline in zip(STATUS_FILL, STATUS_OUTLINE))
+    widths = tuple(0.0 if outline is None else OUTLINE_WIDTH for outline in STATUS_OUTLINE)
+    return {
+        "color": np.array(STATUS_FILL, dtype=object)[status].tolist(),
+        "line": {
+            "color": np.array(outlines, dtype=object)[status].tolist(),
+            "width": np.array(widths)[status].tolist(),
+        },
+    }
 
 
 def channel_bar_spec(
@@ -97,8 +122,9 @@ def channel_bar_spec(
     ``contributions`` is :func:`scorecam_explorer.compose.channel_contributions` for one
     image. Bar i is channel ``channel_order(contributions, sort_by)[i]``; its customdata row
     is :data:`CUSTOMDATA` (a typed-array spec: :func:`~.encoding.decode_typed_array`); its
-    colour code (:func:`bar_status`) shows blue in the map, light
-    blue beyond the top k (``kept`` False), grey switched off, orange the selected channel.
+    colour (:func:`bar_status`, :data:`STATUS_LEGEND`) is blue in the map, light blue beyond
+    the top k (``kept`` False), grey switched off, orange the inspected channel (grey with an
+    orange outline when it is switched off).
     """
     order = channel_order(contributions, sort_by)
     columns = np.stack([np.asarray(contributions[name].values, dtype=np.float64) for name in CUSTOMDATA], axis=1)
@@ -110,14 +136,7 @@ def channel_bar_spec(
         "y": weight[order],
         "customdata": typed_array(columns[order]),
         "hovertemplate": HOVER,
-        "marker": {
-            "color": status[order],
-            "colorscale": STATUS_COLORSCALE,
-            "cmin": 0,
-            "cmax": 3,
-            "showscale": False,
-            "line": {"width": 0},
-        },
+        "marker": bar_marker(status[order]),
         "name": "channels",
     }
     name = str(contributions.coords["target_name"].values) if "target_name" in contributions.coords else "the target"

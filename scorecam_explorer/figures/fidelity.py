@@ -11,6 +11,18 @@ import xarray as xr
 from scorecam_explorer.figures import style
 
 
+def log_ticks(count: int) -> list[int]:
+    """Ticks for a log axis over 1..``count``: the powers of ten, and ``count`` itself.
+
+    A power of ten closer to ``count`` than a factor 1.5 is left out, so that the two labels
+    do not overlap (1280 channels: 1, 10, 100, 1280).
+    """
+    if count < 1:
+        return []
+    decades = [10**power for power in range(len(str(int(count))))]
+    return [tick for tick in decades if tick * 1.5 <= count] + [int(count)]
+
+
 def fidelity_spec(
     curve: xr.DataArray,
     *,
@@ -21,7 +33,8 @@ def fidelity_spec(
     width: int = style.HALF_WIDTH,
     height: int = 330,
 ) -> dict[str, Any]:
-    """Pearson r of the top-k map with the full map against k (log axis), current k marked.
+    """Pearson r of the top-k map with the full map against k (log axis, ticks at the powers of
+    ten and at the last k), current k marked.
 
     ``curve`` is :func:`scorecam_explorer.explorer.analysis.fidelity_curve` (dims k, with
     the coordinate ``channel``: the channel added at each k). Traces: 0 the curve, 1 the
@@ -50,10 +63,19 @@ def fidelity_spec(
         "name": "current k",
     }
     low = min(0.0, float(values.min()) if values.size else 0.0, float(current_r)) - 0.05
-    top = float(np.log10(max(2, int(ks.max()) if ks.size else 2))) + 0.02
+    count = int(ks.max()) if ks.size else 1
+    top = float(np.log10(max(2, count))) + 0.02
+    ticks = log_ticks(count)
     layout = style.base_layout(width, height, title or "Fidelity of the top-k map", subtitle, top=64, right=20, left=60, bottom=45)
     layout.update(
-        xaxis={"type": "log", "title": {"text": "k, heaviest channels kept"}, "range": [0.0, top]},
+        xaxis={
+            "type": "log",
+            "title": {"text": "k, heaviest channels kept"},
+            "range": [0.0, top],
+            "tickmode": "array",
+            "tickvals": ticks,
+            "ticktext": [str(tick) for tick in ticks],
+        },
         yaxis={"title": {"text": "Pearson r with the full map"}, "range": [low, 1.05]},
         shapes=[
             {

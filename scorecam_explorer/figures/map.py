@@ -14,7 +14,14 @@ import xarray as xr
 
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.figures import style
-from scorecam_explorer.figures.encoding import DIVERGING, colorbar_trace, colorize, picture_trace, values_in
+from scorecam_explorer.figures.encoding import (
+    DIVERGING,
+    colorbar_trace,
+    colorize,
+    picture_trace,
+    typed_array,
+    values_in,
+)
 
 Spec = dict[str, Any]
 
@@ -61,6 +68,43 @@ def overlay_traces(
     ]
 
 
+HOVER_CELLS = 56
+"""The hover layer samples a map on a grid of at most this many cells a side."""
+
+_TRANSPARENT = ((0.0, "rgba(0,0,0,0)"), (1.0, "rgba(0,0,0,0)"))
+
+
+def hover_grid(shape: tuple[int, int], cells: int = HOVER_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel rows and columns the hover layer samples: the centre pixel of each
+    step x step block, step = ceil(max(height, width) / cells) (every pixel for small maps)."""
+    step = max(1, -(-max(shape) // cells))
+    return np.arange(step // 2, shape[0], step), np.arange(step // 2, shape[1], step)
+
+
+def hover_trace(values: np.ndarray, *, name: str = "map value", axis: int = 1) -> dict[str, Any]:
+    """An invisible heatmap over a picture that shows the map's value where the mouse is.
+
+    The map itself is drawn as a PNG, which plotly.js cannot read values from; this layer
+    holds ``values[rows][:, cols]`` for the pixels of :func:`hover_grid` (float32, one typed
+    array: at most 56 x 56 numbers), each cell centred on its pixel, and draws nothing.
+    """
+    rows, cols = hover_grid(values.shape)
+    suffix = "" if axis == 1 else str(axis)
+    return {
+        "type": "heatmap",
+        "x": cols.astype(np.int32),
+        "y": rows.astype(np.int32),
+        "z": typed_array(np.asarray(values, dtype=np.float32)[np.ix_(rows, cols)]),
+        "zsmooth": False,
+        "colorscale": _TRANSPARENT,
+        "showscale": False,
+        "name": name,
+        "hovertemplate": "x %{x}, y %{y}<br>map %{z:.3f}<extra></extra>",
+        "xaxis": f"x{suffix}",
+        "yaxis": f"y{suffix}",
+    }
+
+
 def map_spec(
     picture: xr.DataArray,
     saliency: xr.DataArray,
@@ -74,12 +118,20 @@ def map_spec(
 ) -> Spec:
     """The map (values in [0, 1], dims y, x) coloured over the photo (uint8 y, x, rgb).
 
-    Traces: 0 the photo, 1 the coloured map (its opacity is ``opacity``), 2 the colour bar.
+    Traces: 0 the photo, 1 the coloured map (its opacity is ``opacity``), 2 the colour bar,
+    3 the invisible hover layer (:func:`hover_trace`: the map's value under the mouse).
     """
     traces = overlay_traces(picture, saliency, opacity=opacity, colormap=colormap)
     traces.append(colorbar_trace(colormap, 0.0, 1.0, title="Score-CAM"))
+    values = map_values(saliency, picture_pixels(picture).shape[:2])
+    traces.append(hover_trace(values))
     heading = title if title is not None else default_map_title(saliency)
     layout = {**style.base_layout(width, height, heading, subtitle, top=70), **style.picture_axes()}
+    # The picture's own extent: the hover layer's outer cells must not widen the axes.
+    height_px, width_px = values.shape
+    layout["xaxis"] = {**layout["xaxis"], "range": [-0.5, width_px - 0.5], "autorange": False}
+    layout["yaxis"] = {**layout["yaxis"], "range": [height_px - 0.5, -0.5], "autorange": False}
+    layout["hovermode"] = "closest"
     return {"data": traces, "layout": layout}
 
 
