@@ -348,9 +348,10 @@ def folded_batchnorm(module: nn.Module, key: tuple, *, channels_last: bool = Fal
 
     In eval mode BN(conv(x)) = conv'(x) with W' = W * g / sqrt(v + eps) and
     b' = (b - m) * g / sqrt(v + eps) + beta, so the copy computes the same function with
-    one pass over each activation less. Likewise a "same padding" convolution that pads
-    symmetrically in a separate module (the EfficientNet ports) becomes one ``nn.Conv2d``
-    with that padding, and a ReLU / ReLU6 right after a convolution runs in place. Float32 results differ by rounding only (relative 1e-6); callers
+    one pass over each activation less. Likewise a "same padding" convolution that pads in
+    a separate module (the EfficientNet ports) becomes one ``nn.Conv2d`` (see
+    :func:`_as_plain_conv`), and a ReLU / ReLU6 right after a convolution runs in place.
+    Float32 results differ by rounding only (relative 1e-6); callers
     check the copy against the model's own output before using it. Returns None when the
     model has no BatchNorm2d after a convolution or cannot be traced by ``torch.fx``.
     ``key`` (weights fingerprint, device) decides when a remembered copy is reused.
@@ -425,30 +426,52 @@ class _ConvLeafTracer(fx.Tracer):
         return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
 
 
-def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """(pad_h, pad_w) of a "same padding" convolution whose ``static_padding`` child pads
-    both sides equally (the EfficientNet ports' ``Conv2dStaticSamePadding``), else None."""
+def _static_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) zero padding of a "same padding" convolution that pads in
+    a ``static_padding`` child (the EfficientNet ports' ``Conv2dStaticSamePadding``), else None."""
     padding = getattr(conv, "static_padding", None)
     if type(conv) is nn.Conv2d or padding is None or conv.padding_mode != "zeros" or tuple(conv.padding) != (0, 0):
         return None
     if isinstance(padding, nn.ZeroPad2d):
-        left, right, top, bottom = padding.padding
-        return (top, left) if (left == right and top == bottom) else None
+        left, right, top, bottom = (int(value) for value in padding.padding)
+        return left, right, top, bottom
     if type(padding).__name__ == "Identity" and not list(padding.parameters()):
-        return (0, 0)
+        return 0, 0, 0, 0
     return None
 
 
-def _as_plain_conv(conv: nn.Conv2d, padding: tuple[int, int]) -> nn.Conv2d:
-    """An ``nn.Conv2d`` doing ``conv`` with its zero padding done inside the convolution
-    (saves the separate padding pass over the activation)."""
+def _as_plain_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
+    """An ``nn.Conv2d`` doing ``conv`` (with its separate zero padding) in one call, or None.
+
+    A symmetric padding p becomes the convolution's own padding p. A padding one larger
+    after than before (a, a + 1), what "same" padding gives a stride-2 convolution, becomes
+    padding a + 1 on both sides with the kernel grown by one zero row (column) in front:
+    the window then starts one pixel earlier, on a zero weight, and covers the same pixels,
+    and the output has the same size. The copy of the padded input is saved; the zero
+    weights add exact zeros.
+    """
+    pads = _static_padding(conv)
+    if pads is None:
+        return None
+    left, right, top, bottom = pads
+    grow, padding = [], []
+    for before, after, dilation in ((top, bottom, conv.dilation[0]), (left, right, conv.dilation[1])):
+        if before == after:
+            grow.append(0)
+            padding.append(before)
+        elif after == before + 1 and dilation == 1:
+            grow.append(1)
+            padding.append(after)
+        else:
+            return None
+    kernel = (conv.kernel_size[0] + grow[0], conv.kernel_size[1] + grow[1])
     plain = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=tuple(conv.stride), padding=padding,
+        conv.in_channels, conv.out_channels, kernel, stride=tuple(conv.stride), padding=tuple(padding),
         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
         device=conv.weight.device, dtype=conv.weight.dtype,
     )
     with torch.no_grad():
-        plain.weight.copy_(conv.weight)
+        plain.weight.copy_(torch.nn.functional.pad(conv.weight, (grow[1], 0, grow[0], 0)))
         if conv.bias is not None:
             plain.bias.copy_(conv.bias)
     return plain.eval()
@@ -459,9 +482,9 @@ def _fold(module: nn.Module) -> nn.Module | None:
 
     copy_ = copy.deepcopy(module).eval()
     for name, sub in list(copy_.named_modules()):
-        if isinstance(sub, nn.Conv2d) and (padding := _symmetric_padding(sub)) is not None:
+        if isinstance(sub, nn.Conv2d) and (plain := _as_plain_conv(sub)) is not None:
             parent, _, child = name.rpartition(".")
-            setattr(copy_.get_submodule(parent) if parent else copy_, child, _as_plain_conv(sub, padding))
+            setattr(copy_.get_submodule(parent) if parent else copy_, child, plain)
     graph = _ConvLeafTracer().trace(copy_)
     traced = fx.GraphModule(copy_, graph)
     modules = dict(traced.named_modules())

@@ -362,20 +362,32 @@ class SamePaddingConv(nn.Conv2d):
         return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def test_folding_moves_symmetric_padding_into_the_convolution_and_clamps_in_place(x):
+def test_folding_moves_same_padding_into_the_convolution_and_clamps_in_place():
     torch.manual_seed(0)
     model = nn.Sequential(
         SamePaddingConv(3, 6, 3, pad=(1, 1, 1, 1), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
         SamePaddingConv(6, 6, 5, stride=2, groups=6, pad=(1, 2, 1, 2), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
+        SamePaddingConv(6, 6, 3, stride=2, pad=(0, 1, 1, 1), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
+        SamePaddingConv(6, 6, 3, stride=1, pad=(0, 2, 0, 2), bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
     ).eval()
+    with torch.no_grad():
+        for norm in (m for m in model if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
     folded = runtime._fold(model)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
-    assert type(convs[0]) is nn.Conv2d and convs[0].padding == (1, 1)  # symmetric: one plain convolution
-    assert isinstance(convs[1], SamePaddingConv)  # asymmetric padding stays as it is
+    assert type(convs[0]) is nn.Conv2d and convs[0].padding == (1, 1) and convs[0].kernel_size == (3, 3)  # symmetric
+    # (a, a + 1): padding a + 1 both sides, the kernel grown by a zero row and column in front
+    assert type(convs[1]) is nn.Conv2d and convs[1].padding == (2, 2) and convs[1].kernel_size == (6, 6)
+    assert torch.all(convs[1].weight[:, :, 0, :] == 0) and torch.all(convs[1].weight[:, :, :, 0] == 0)
+    assert type(convs[2]) is nn.Conv2d and convs[2].padding == (1, 1) and convs[2].kernel_size == (3, 4)  # columns only
+    assert isinstance(convs[3], SamePaddingConv)  # (0, 2) has no such form: stays as it is
     assert "hardtanh_" in folded.code
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+        for size in (16, 15, 9):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_allocator_tuning_changes_no_result(tiny, x):
