@@ -448,3 +448,21 @@ def test_benchmark_quick_mode_runs(tmp_path):
     numbers = json.loads(report.read_text())
     assert numbers["lite0_r_pgc"] >= 0.999
     assert numbers["bf16_spearman"] >= 0.99
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run(tmp_path):
+    """benchmarks/bench_gpu.py (ResNet-50 layer4 against pytorch-grad-cam) runs anywhere with --device cpu."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    report = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--size", "64", "--repeats", "1", "--json", str(report)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(report.read_text())
+    assert numbers["channels"] == 2048 and numbers["r_pgc"] >= 0.999
