@@ -137,7 +137,7 @@ def compute_cache(
                 raise ScorecamError(
                     f"the model has {logits.shape[1]} outputs but {len(names)} class names were given."
                 )
-            masked_model = _checked_copy(module, copies, on_device, logits)
+            masked_model = _checked_copy(module, copies, on_device, logits, channels_last)
             baseline = torch.cat(
                 [
                     baseline_logits(masked_model, chunk, precision=precision, channels_last=channels_last)
@@ -226,23 +226,36 @@ def _folded_model(module: nn.Module, fold: bool, key: tuple, channels_last: bool
 
 
 def _checked_copy(
-    module: nn.Module, copies: Sequence[tuple[nn.Module, Callable[[], None]]], inputs: torch.Tensor, logits: torch.Tensor
+    module: nn.Module,
+    copies: Sequence[tuple[nn.Module, Callable[[], None]]],
+    inputs: torch.Tensor,
+    logits: torch.Tensor,
+    channels_last: bool,
 ) -> nn.Module:
     """The first copy (fastest first) that reproduces the model's unmasked ``logits``,
     checked once per copy (the same function for any input); else the model itself. A
     copy that differs is rejected for good with its ``reject``."""
     for candidate, reject in copies:
-        if runtime.folded_verified(candidate) or _same_function(candidate, inputs, logits):
+        if runtime.folded_verified(candidate) or _same_function(candidate, inputs, logits, channels_last):
             runtime.accept_folded(candidate)
             return candidate
         reject()
     return module
 
 
-def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether ``candidate`` reproduces the unmasked ``logits`` up to float32 rounding."""
-    with torch.inference_mode():
-        output = torch.cat([candidate(chunk).float() for chunk in inputs.split(_IMAGE_CHUNK)])
+def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, channels_last: bool) -> bool:
+    """Whether ``candidate`` reproduces the unmasked ``logits`` up to float32 rounding, fed
+    as the masked passes will feed it (a copy that fails to run does not)."""
+    try:
+        with torch.inference_mode():
+            output = torch.cat(
+                [
+                    candidate(chunk.contiguous(memory_format=torch.channels_last) if channels_last else chunk).float()
+                    for chunk in inputs.split(_IMAGE_CHUNK)
+                ]
+            )
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
     scale = float(logits.abs().max()) or 1.0
     return output.shape == logits.shape and float((output - logits).abs().max()) <= 1e-4 * scale
 

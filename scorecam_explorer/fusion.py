@@ -62,11 +62,30 @@ class FusedConv2d(nn.Module):
                 x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
                 self.activation, self.scalars, "",
             )
+        if other.shape != self._output_shape(x) or other.dtype != x.dtype:  # a broadcast addition: unfused
+            return self._activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) + other)
         activation = None if self.activation == "none" else self.activation
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "add", 1.0, activation, self.scalars, None,
         )
+
+    def _output_shape(self, x: torch.Tensor) -> torch.Size:
+        """(N, C_out, H', W') with H' = floor((H + 2p - d (k - 1) - 1) / s) + 1."""
+        sizes = [
+            (int(x.shape[2 + i]) + 2 * self.padding[i] - self.dilation[i] * (int(self.weight.shape[2 + i]) - 1) - 1)
+            // self.stride[i]
+            + 1
+            for i in range(2)
+        ]
+        return torch.Size([int(x.shape[0]), int(self.weight.shape[0]), *sizes])
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(y)
+        if self.activation == "hardtanh":
+            return F.hardtanh(y, *self.scalars)
+        return y
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, scalars={self.scalars}, groups={self.groups}"

@@ -69,6 +69,38 @@ def test_a_convolution_read_twice_keeps_its_own_output():
         torch.testing.assert_close(fused(x), model(x))
 
 
+def test_a_broadcast_residual_addition_runs_unfused_with_the_same_result():
+    class BiasAfterConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.conv(x) + self.shift)  # "other" broadcasts: not a residual
+
+    torch.manual_seed(0)
+    model = BiasAfterConv().eval()
+    fused = fuse_pointwise(fx.symbolic_trace(model))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model(x))
+        torch.testing.assert_close(fused(x.contiguous(memory_format=torch.channels_last)), model(x))
+
+
+def test_a_fused_copy_that_fails_to_run_is_rejected(tiny_cnn_with_batchnorm, monkeypatch):
+    model = tiny_cnn_with_batchnorm
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def broken(self, *args):
+        raise RuntimeError("unsupported by this oneDNN")
+
+    monkeypatch.setattr(FusedConv2d, "forward", broken)
+    cache = compute_cache(model, x, "5", progress=False)
+    plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
+    np.testing.assert_allclose(cache["5"]["masked_logits"].values, plain["5"]["masked_logits"].values, rtol=1e-5, atol=1e-5)
+
+
 def test_folded_and_fused_resnet18_equals_the_model():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
