@@ -101,8 +101,10 @@ def _fusable(module: nn.Module | None) -> bool:
     )
 
 
-def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, tuple[float, ...]] | None:
-    """The oneDNN post-op equal to ``node`` applied to its first argument, or None."""
+def _activation_of(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, tuple[float, ...]] | None:
+    """The oneDNN post-op equal to ``node``, when ``node`` applies it to ``source``; else None."""
+    if not node.args or node.args[0] is not source:
+        return None
     if node.op == "call_module":
         module = modules.get(node.target)
         if type(module) is nn.ReLU:
@@ -110,7 +112,7 @@ def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, t
         if type(module) is nn.ReLU6:
             return "hardtanh", (0.0, 6.0)
         return None
-    if node.op != "call_function" or node.kwargs.get("inplace") not in (None, False, True):
+    if node.op != "call_function" or set(node.kwargs) - {"inplace"}:
         return None
     if node.target in UNARY_CALLS and len(node.args) == 1:
         return UNARY_CALLS[node.target], ()
@@ -161,13 +163,13 @@ def fuse_pointwise(graph_module: fx.GraphModule) -> fx.GraphModule | None:
         if other is not None:  # conv + other, then maybe an activation
             absorbed.append(follower)
             after = _only_user(follower)
-            activation = _activation_of(after, modules) if after is not None else None
+            activation = _activation_of(after, follower, modules) if after is not None else None
             if activation is not None and activation[0] == "relu":
                 absorbed.append(after)
             else:
                 activation = ("none", ())
         else:
-            activation = _activation_of(follower, modules) if follower is not None else None
+            activation = _activation_of(follower, node, modules) if follower is not None else None
             if activation is not None:
                 absorbed.append(follower)
             else:
