@@ -236,8 +236,8 @@ def _checked_copy(
     checked once per copy (the same function for any input); else the model itself. A
     copy that differs is rejected for good with its ``reject``."""
     for candidate, reject in copies:
-        if runtime.folded_verified(candidate) or _same_function(candidate, inputs, logits, channels_last):
-            runtime.accept_folded(candidate)
+        if runtime.copy_checked(candidate) or _same_function(candidate, inputs, logits, channels_last):
+            runtime.accept_copy(candidate)
             return candidate
         reject()
     return module

@@ -409,14 +409,15 @@ def reject_fused(folded: nn.Module) -> None:
 _VERIFIED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def accept_folded(folded: nn.Module) -> None:
-    """Remember that a folded (or fused) copy reproduced its model's output (no need to check again)."""
-    _VERIFIED.add(folded)
+def accept_copy(copy_: nn.Module) -> None:
+    """Remember that a faster copy (folded or fused) reproduced its model's output: it is
+    the same function for any input, so it need not be checked again."""
+    _VERIFIED.add(copy_)
 
 
-def folded_verified(folded: nn.Module) -> bool:
-    """Whether :func:`accept_folded` was called for this copy."""
-    return folded in _VERIFIED
+def copy_checked(copy_: nn.Module) -> bool:
+    """Whether :func:`accept_copy` was called for this copy."""
+    return copy_ in _VERIFIED
 
 
 class _ConvLeafTracer(fx.Tracer):

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from _tiny_models import TinyCNN
 
 
-class TinyCNN(nn.Module):
-    """Two conv blocks and a linear head: 3x32x32 -> 10 classes, fast on any CPU."""
-
-    def __init__(self, num_classes: int = 10, width: int = 8):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(2 * width, num_classes)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(inputs)), 1))
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one thread, and much faster on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

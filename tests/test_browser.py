@@ -390,6 +390,34 @@ def cell_prompts(page: Any) -> list[str]:
 
 
 @pytest.mark.slow
+def run_all_cells(page: Any, front_end: str) -> None:
+    """Run All from the Run menu (JupyterLab and Notebook 7 share it), until a cell starts.
+
+    The front end activates its plugins for a while after the page shows; a Run All chosen
+    before the notebook's kernel is connected does nothing, or asks for a kernel (a user picks
+    the notebook's own, Python 3, with Select). Choose it again until a cell starts (never
+    after one has). Any other dialog is a failure: say what it says.
+    """
+
+    def started() -> bool:
+        text = dialog_text(page)
+        if text.startswith("Select Kernel") and all(p == "[ ]:" for p in cell_prompts(page)):
+            page.locator(".jp-Dialog").get_by_role("button", name="Select").click()
+            return False
+        return bool(text) or any(p != "[ ]:" for p in cell_prompts(page))
+
+    for _attempt in range(4):
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        try:
+            wait_until(started, timeout=20, page=page, what="a cell to start")
+            break
+        except AssertionError:
+            continue
+    assert not dialog_text(page), f"{front_end} shows a dialog: {dialog_text(page)!r}"
+    assert any(p != "[ ]:" for p in cell_prompts(page)), f"Run All did not start the notebook in {front_end}"
+
+
 def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
     require_chromium()
     notebook_dir = tmp_path / "notebooks"
@@ -411,27 +439,7 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
             page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
             wait_until(lambda: kernel_idle(page), timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
 
-            # Run All from the Run menu. Lab activates its plugins for a while after the page shows;
-            # a Run All chosen before the notebook's kernel is connected does nothing, or asks for a
-            # kernel (a user picks the notebook's own, Python 3, with Select). Choose it again until a
-            # cell starts (never after one has). Any other dialog is a failure: say what it says.
-            def started() -> bool:
-                text = dialog_text(page)
-                if text.startswith("Select Kernel") and all(p == "[ ]:" for p in cell_prompts(page)):
-                    page.locator(".jp-Dialog").get_by_role("button", name="Select").click()
-                    return False
-                return bool(text) or any(p != "[ ]:" for p in cell_prompts(page))
-
-            for _attempt in range(4):
-                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-                try:
-                    wait_until(started, timeout=20, page=page, what="a cell to start")
-                    break
-                except AssertionError:
-                    continue
-            assert not dialog_text(page), f"JupyterLab shows a dialog: {dialog_text(page)!r}"
-            assert any(p != "[ ]:" for p in cell_prompts(page)), "Run All did not start the notebook"
+            run_all_cells(page, "JupyterLab")
 
             def finished() -> bool:
                 assert not dialog_text(page), f"JupyterLab shows a dialog while running: {dialog_text(page)!r}"
@@ -552,24 +560,7 @@ def test_explorer_in_notebook7(app_cache: Path, tmp_path: Path) -> None:
             page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=PAGE_TIMEOUT * 1000)
             wait_until(lambda: kernels_idle(server), timeout=PAGE_TIMEOUT, page=page, what="the kernel to start")
 
-            # Run All from the Run menu, again until the cell starts (as in JupyterLab: a Run All
-            # chosen before the kernel is connected does nothing, or asks for a kernel).
-            def started() -> bool:
-                text = dialog_text(page)
-                if text.startswith("Select Kernel") and all(p == "[ ]:" for p in cell_prompts(page)):
-                    page.locator(".jp-Dialog").get_by_role("button", name="Select").click()
-                    return False
-                return bool(text) or any(p != "[ ]:" for p in cell_prompts(page))
-
-            for _attempt in range(4):
-                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-                try:
-                    wait_until(started, timeout=20, page=page, what="the cell to start")
-                    break
-                except AssertionError:
-                    continue
-            assert not dialog_text(page), f"Notebook 7 shows a dialog: {dialog_text(page)!r}"
+            run_all_cells(page, "Notebook 7")
             wait_until(lambda: all(re.fullmatch(r"\[\d+\]:", p) for p in cell_prompts(page)) and kernels_idle(server),
                        timeout=PAGE_TIMEOUT, page=page, what="the cell to finish", interval=1.0)
             # An exception is drawn as a stderr output holding its traceback.

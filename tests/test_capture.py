@@ -18,13 +18,7 @@ def assert_no_hooks(model: nn.Module) -> None:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread, and much faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

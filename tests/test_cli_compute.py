@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from scorecam_explorer.cache import load_cache
 from scorecam_explorer.cli import main
@@ -14,13 +13,7 @@ from scorecam_explorer.cli import main
 # A small torchvision model with random weights and a 16-channel early layer: fast everywhere.
 MODEL = ["--model", "mobilenet_v3_small", "--weights", "none"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compute_saves_a_cache_and_prints_a_summary(tmp_path, capsys):

@@ -14,18 +14,12 @@ from torch import nn
 from scorecam_explorer import runtime
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import ImageLoadError, NonFiniteError, ScorecamError, UnknownLayerError
-from scorecam_explorer.models import from_module, load_model
+from scorecam_explorer.models import from_module
 from scorecam_explorer.preprocessing import Preprocessing
 from scorecam_explorer.runtime import Plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread, and much faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -34,13 +34,10 @@ from scorecam_explorer.figures.channels import (
     BEYOND_TOP_K,
     IN_MAP,
     OFF,
-    SELECTED,
     SELECTED_OFF,
     STATUS_LEGEND,
     bar_status,
 )
-from scorecam_explorer.figures.fidelity import log_ticks
-from scorecam_explorer.figures.map import hover_grid
 from scorecam_explorer.figures.encoding import (
     DIVERGING,
     colorize,
@@ -49,6 +46,8 @@ from scorecam_explorer.figures.encoding import (
     png_bytes,
     typed_array,
 )
+from scorecam_explorer.figures.fidelity import log_ticks
+from scorecam_explorer.figures.map import hover_grid
 
 RNG = np.random.default_rng(7)
 

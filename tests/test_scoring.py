@@ -28,13 +28,7 @@ def tiny_with_dead(tiny_cnn):
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread, and much faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
