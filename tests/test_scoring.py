@@ -440,3 +440,20 @@ def test_adapt_threads_false_never_touches_the_thread_count(tiny_cnn, inputs, mo
         rtol=1e-5, atol=1e-5,
     )
     runtime.forget_plans()
+
+
+def test_a_fixed_batch_size_gives_bit_identical_runs_whatever_the_thread_count(tiny_cnn, inputs):
+    """docs/performance.md: the batch plan changes float32 rounding only, and a fixed
+    ``batch_size`` makes repeat runs bit-identical (the thread count changes no bit)."""
+    from scorecam_explorer.engine import compute_cache
+
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs.append(compute_cache(tiny_cnn, inputs, "features.3", progress=False, batch_size=5, adapt_threads=False))
+    finally:
+        torch.set_num_threads(threads)
+    first, second = (run["features.3"]["masked_logits"].values for run in runs)
+    assert (first == second).all()
