@@ -8,11 +8,14 @@ no model.
 
 This module never imports torch: a cache opens and recomposes on a machine without it.
 Saving is atomic (written to a hidden sibling directory, then renamed into place), so an
-interrupted save never leaves something that loads as a cache.
+interrupted save never leaves something that loads as a cache. A saved store also records a
+checksum of every array; loading it into memory compares them, so a store with missing or
+altered chunks (which Zarr would silently read back as fill values) is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,6 +62,8 @@ REQUIRED_ATTRS = (
 )
 # Channels per stored chunk of a layer's arrays (a chunk also holds a single image).
 CHANNEL_BLOCK = 256
+CHECKSUMS_ATTR = "checksums"
+"""Root attribute of a saved store: :func:`content_checksums` of the cache as it was saved."""
 
 
 @dataclass
@@ -240,6 +245,50 @@ def storage_encoding(cache: xr.DataTree) -> dict[str, dict[str, dict[str, Any]]]
     return encoding
 
 
+def content_checksums(cache: xr.DataTree) -> dict[str, str]:
+    """A blake2b digest (16 bytes, hex) of every variable and coordinate of every node, keyed
+    ``/name`` for the root and ``/layer/name`` for a layer; the digest covers dtype, shape and
+    values (strings by their text)."""
+    sums: dict[str, str] = {}
+    for node in cache.subtree:
+        prefix = "" if node.path == "/" else node.path
+        for name, variable in node.to_dataset(inherit=False).variables.items():
+            sums[f"{prefix}/{name}"] = _digest(np.asarray(variable.values))
+    return sums
+
+
+def _digest(values: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(values.shape).encode())
+    if values.dtype.kind in "OUS":
+        digest.update(b"text")
+        digest.update("\x00".join(str(value) for value in values.ravel()).encode())
+    else:
+        digest.update(values.dtype.str.encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def _verify_checksums(tree: xr.DataTree, source: Path) -> xr.DataTree:
+    """Compare a loaded store with the checksums recorded when it was saved (a store without
+    them, such as a dataset store, is not compared); returns the tree without the attribute."""
+    recorded = tree.attrs.get(CHECKSUMS_ATTR)
+    if recorded is not None:
+        actual = content_checksums(tree)
+        differing = sorted(key for key in set(recorded) | set(actual) if recorded.get(key) != actual.get(key))
+        if differing:
+            raise CacheError(
+                f"{source} is damaged: {', '.join(differing)} differ from what was saved (missing or altered "
+                "chunks). Compute the cache again."
+            )
+    return _without_checksums(tree)
+
+
+def _without_checksums(tree: xr.DataTree) -> xr.DataTree:
+    tree.attrs = {key: value for key, value in tree.attrs.items() if key != CHECKSUMS_ATTR}
+    return tree
+
+
 def with_storable_strings(cache: xr.DataTree) -> xr.DataTree:
     """Store string coordinates as variable-length strings (zarr 3 has no fixed-width spec)."""
     root = cache.dataset.assign_coords(
@@ -284,7 +333,9 @@ def save_cache(cache: xr.DataTree, path: str | os.PathLike[str], *, overwrite: b
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-            with_storable_strings(cache).to_zarr(
+            stored = with_storable_strings(cache)
+            stored.attrs = {**cache.attrs, CHECKSUMS_ATTR: content_checksums(cache)}
+            stored.to_zarr(
                 temporary, mode="w-", encoding=storage_encoding(cache), consolidated=False, zarr_format=3
             )
         if target.exists():
@@ -307,6 +358,9 @@ def load_cache(path: str | os.PathLike[str], *, lazy: bool = False) -> xr.DataTr
     image and block of channels, as stored) when dask is installed, else read on access.
     Raises CacheError, with the reason, for a path that is missing, not a Zarr store, not a
     valid cache, or a dataset store (``compute_dataset``) whose images are not all computed.
+    An eager load also compares every array with the checksum :func:`save_cache` recorded,
+    and refuses a store whose chunks are missing or altered; a lazy load reads no data, so
+    it cannot (a missing float chunk then reads as NaN, which composing refuses).
     """
     source = Path(path)
     if not source.exists():
@@ -320,12 +374,12 @@ def load_cache(path: str | os.PathLike[str], *, lazy: bool = False) -> xr.DataTr
     tree = validate_cache(with_plain_strings(tree), check_values=False)
     _refuse_unfinished_dataset(tree, source)
     if lazy:
-        return tree
+        return _without_checksums(tree)
     try:
         tree = tree.load()
     except Exception as error:  # noqa: BLE001
         raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
-    return validate_cache(tree)
+    return validate_cache(_verify_checksums(tree, source))
 
 
 def _lazy_chunks(lazy: bool) -> dict[str, Any]:

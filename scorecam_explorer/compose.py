@@ -244,17 +244,30 @@ def _class_index(root: _CacheArrays, target: int | str | np.integer) -> int:
                 "pass the class index instead."
             )
         raise UnknownClassError(
-            f"no class named {target!r} among this model's {count} classes.{did_you_mean(target, root.class_names)}"
+            f"no class named {target!r} among this model's {count} classes."
+            f"{did_you_mean(target, root.class_names) or _some_class_names(root.class_names)}"
         )
     raise UnknownClassError(f"a target is a class index or a class name, not {type(target).__name__}.")
+
+
+def _some_class_names(class_names: list[str], shown: int = 8) -> str:
+    """An error-message suffix naming some valid classes, for a name with no close match."""
+    count = len(class_names)
+    if count <= shown:
+        return f" Its classes are: {', '.join(class_names)}."
+    return (
+        f" The first {shown} are: {', '.join(class_names[:shown])}, ...; "
+        f"cache['class_name'].values lists all {count}, or pass a class index 0..{count - 1}."
+    )
 
 
 def resolve_targets(cache: xr.DataTree, target: Target, image: ImageSelector = None) -> np.ndarray:
     """Class indices (one per selected image) for ``target``.
 
     ``target`` is a class index, a class name (case-insensitive), ``None`` (each image's
-    top-1 class), or one of those per image of the cache. Raises UnknownClassError with the
-    closest names for unknown names and out-of-range indices.
+    top-1 class), or one of those per image of the cache. Raises UnknownClassError for
+    out-of-range indices and unknown names, naming the closest classes (or, when none is
+    close, the first few).
     """
     root = _root_arrays(cache)
     indices = _image_indices(root, image)
@@ -544,21 +557,34 @@ def channel_contributions(
     target: Target,
     *,
     preset: str | Preset = "paper",
+    channels: Channels = None,
     image: ImageSelector = None,
+    top_k: int | None = None,
 ) -> xr.Dataset:
     r"""Per channel k: what the preset makes of it and what it adds to the map.
+
+    ``channels`` and ``top_k`` select the channels K exactly as in :func:`scorecam` (same
+    forms, same validation, same tie rule). Every channel of the layer stays in the result;
+    those outside K have ``selected`` False and weight, contribution and share 0. So, with
+    S = sum_k contribution_k = sum_{k in K} w_k A_k, the map of :func:`scorecam` called with
+    the same arguments is N(ReLU(S)) (ReLU, upsampling and N placed as the preset says).
 
     Variables (dims image, channel unless said):
 
     * ``score``: s_k, the number the preset turns into a weight (see ``preset.score_name``),
     * ``probability``: p^c(X * H_k), softmax over classes of the masked output,
-    * ``weight``: w_k,
-    * ``contribution``: w_k A_k at feature resolution (image, channel, fy, fx),
-    * ``share``: channel k's part of the map's total after ReLU (see :func:`_shares`),
+    * ``weight``: w_k for k in K, else 0 (as :func:`channel_weights` returns),
+    * ``contribution``: w_k A_k at feature resolution (image, channel, fy, fx), 0 outside K,
+    * ``share``: channel k's part of the map's total after ReLU (see :func:`_shares`); the
+      shares of K sum to 1 per image (all 0 when ReLU leaves nothing),
+    * ``selected``: k is in K,
     * ``variance``: Var_{x,y} A_k (what Faster Score-CAM ranks channels by),
     * ``constant``: A_k was constant, its mask all zero.
+
+    ``score``, ``probability``, ``variance`` and ``constant`` do not depend on K: they are
+    given for every channel. Dims (channel, ...) instead with ``image=``.
     """
-    state = _weights(cache, layer, target, preset, image)
+    state = _weights(cache, layer, target, preset, image, channels, top_k)
     activation = state.layer.activation[state.indices].astype(np.float64)
     contribution = state.weights[:, :, None, None] * activation
     dims = ("image", "channel")
@@ -569,11 +595,17 @@ def channel_contributions(
             "weight": (dims, state.weights),
             "contribution": ((*dims, "fy", "fx"), contribution),
             "share": (dims, _shares(state, contribution)),
+            "selected": (dims, state.active),
             "variance": (dims, state.layer.variance()[state.indices]),
             "constant": (dims, state.scores.constant),
         },
         coords={**_image_coords(state), "channel": np.arange(activation.shape[1])},
-        attrs={"layer": layer, "preset": state.preset.name, "score_name": state.preset.score_name},
+        attrs={
+            "layer": layer,
+            "preset": state.preset.name,
+            "score_name": state.preset.score_name,
+            "top_k": -1 if top_k is None else int(top_k),
+        },
     )
     return result.isel(image=0) if image is not None else result
 

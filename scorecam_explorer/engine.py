@@ -14,7 +14,7 @@ weighting or channel subset is then a function of these arrays alone
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -96,10 +96,11 @@ def compute_cache(
     mask_convention = get_convention(convention)
     precision = runtime.check_precision(precision)
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
-    loaded = _as_loaded(model, preprocessing)
+    with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
+        loaded = _as_loaded(model, preprocessing)
+        layer_names = _resolve_layers(loaded, layers)
     preprocessing = preprocessing or loaded.preprocessing
     names = list(class_names) if class_names is not None else list(loaded.class_names)
-    layer_names = _resolve_layers(loaded, layers)
     prepared = prepare_inputs(inputs, preprocessing, image_ids, allow_repeated_ids=False)
     batch, ids = prepared.tensor, prepared.image_ids
     pictures = prepared.viewable(preprocessing if preprocessing_known else None)
@@ -157,7 +158,7 @@ def compute_cache(
                 channels_last=channels_last,
                 progress=progress,
             )
-        forward_passes = sum(count[0] for count in calls)
+        forward_passes = probe_calls[0] + sum(count[0] for count in calls)
 
     return build_cache(
         pictures=pictures,
@@ -258,6 +259,12 @@ def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Ten
         return False
     scale = float(logits.abs().max()) or 1.0
     return output.shape == logits.shape and float((output - logits).abs().max()) <= 1e-4 * scale
+
+
+def _probe_counter(model: LoadedModel | nn.Module) -> AbstractContextManager[list[int]]:
+    """Counts the model's forward calls while it is wrapped and its layers probed."""
+    module = model.module if isinstance(model, LoadedModel) else model
+    return forward_call_counter(module) if isinstance(module, nn.Module) else nullcontext([0])
 
 
 def _as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> LoadedModel:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scorecam_explorer.capture import eval_mode
+
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -63,20 +65,17 @@ def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], st
 
         return hook
 
-    was_training = model.training
     try:
         for name, module in modules.items():
             if name:  # the model itself is not a layer
                 handles.append(module.register_forward_hook(make_hook(name)))
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
 
     layers = []
     pooled_outputs = [tensor for _shape, tensor, is_pool in outputs.values() if is_pool]
@@ -90,3 +89,27 @@ def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], st
         if info.listed and info.height * info.width > 1 and not is_pool and not any(tensor is pooled for pooled in pooled_outputs):
             default = name
     return layers, default
+
+
+def why_not_targetable(model: nn.Module, name: str, input_size: int) -> str:
+    """Why the module called ``name`` is not targetable, from one probe pass of its own:
+    it does not run, runs more than once, or returns something other than an (N, C, H, W)
+    tensor (said with the shape it returned)."""
+    module = dict(model.named_modules())[name]
+    outputs: list[object] = []
+    handle = module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    try:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        with eval_mode(model), torch.inference_mode():
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        handle.remove()
+    if not outputs:
+        return "it does not run in a forward pass"
+    if len(outputs) > 1:
+        return f"it runs more than once per forward pass ({len(outputs)} times), so its activation is ambiguous"
+    output = outputs[0]
+    if not isinstance(output, torch.Tensor):
+        return f"it returns a {type(output).__name__}, not a 4-D (N, C, H, W) tensor"
+    return f"it outputs shape {tuple(output.shape)}, not a 4-D (N, C, H, W) tensor"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from scorecam_explorer import default_model
+from scorecam_explorer.capture import eval_mode
 from scorecam_explorer.errors import (
     UnknownLayerError,
     UnknownModelError,
@@ -26,7 +27,7 @@ from scorecam_explorer.errors import (
     closest_names,
     did_you_mean,
 )
-from scorecam_explorer.layers import LayerInfo, probe_layers
+from scorecam_explorer.layers import LayerInfo, probe_layers, why_not_targetable
 from scorecam_explorer.preprocessing import Preprocessing
 
 DEFAULT_MODEL = default_model.NAME
@@ -35,7 +36,11 @@ Weights = Union[str, Path, None]
 
 @dataclass
 class LoadedModel:
-    """A network in eval mode with its preprocessing, class names and targetable layers."""
+    """A network with its preprocessing, class names and targetable layers.
+
+    The package runs ``module`` in eval mode whenever it forwards it and restores every
+    submodule's train/eval flag afterwards; the module is never left changed.
+    """
 
     name: str
     module: nn.Module
@@ -80,10 +85,8 @@ class LoadedModel:
         listed = self.layer_names()
         modules = dict(self.module.named_modules())
         if name in modules:
-            reason = "runs more than once per forward pass or does not return a 4-D (N, C, H, W) tensor"
-            raise UnknownLayerError(
-                f"layer {name!r} of {self.name} cannot be targeted: it {reason}.{did_you_mean(name, every)}"
-            )
+            reason = why_not_targetable(self.module, name, self.preprocessing.input_size)
+            raise UnknownLayerError(f"layer {name!r} of {self.name} cannot be targeted: {reason}.{did_you_mean(name, every)}")
         close = closest_names(name, every, limit=5)
         hint = f" Closest: {', '.join(close)}." if close else ""
         raise UnknownLayerError(
@@ -249,6 +252,7 @@ def from_module(
     """Wrap your own classifier. Without ``preprocessing``: ImageNet mean/std at ``input_size``.
 
     Without ``class_names`` they are ``class 0``, ``class 1``, ... (counted from one probe pass).
+    ``module`` is not changed: its train/eval flags stay as they are.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
@@ -256,17 +260,12 @@ def from_module(
     if class_names is None:
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.inference_mode():
-                output = module(torch.zeros(1, 3, preprocessing.input_size, preprocessing.input_size, device=device))
-        finally:
-            module.train(was_training)
+        with eval_mode(module), torch.inference_mode():
+            output = module(torch.zeros(1, 3, preprocessing.input_size, preprocessing.input_size, device=device))
         class_names = [f"class {index}" for index in range(output.shape[-1])]
     loaded = LoadedModel(
         name=name or type(module).__name__,
-        module=module.eval(),
+        module=module,
         preprocessing=preprocessing,
         class_names=list(class_names),
         default_layer_hint=None,

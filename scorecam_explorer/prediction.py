@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scorecam_explorer.capture import eval_mode
 from scorecam_explorer.images import ImageSource, load_image
 from scorecam_explorer.models import LoadedModel
 
@@ -25,7 +26,7 @@ def predict(model: LoadedModel, image: ImageSource, top: int = 5) -> list[Predic
     parameter = next(model.module.parameters(), None)
     if parameter is not None:
         inputs = inputs.to(parameter.device)
-    with torch.inference_mode():
+    with eval_mode(model.module), torch.inference_mode():
         probabilities = torch.softmax(model.module(inputs).float(), dim=-1)[0].cpu()
     values, indices = probabilities.topk(min(top, probabilities.numel()))
     return [

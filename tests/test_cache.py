@@ -194,7 +194,7 @@ def test_loading_damaged_or_foreign_stores_fails_clearly(computed, tmp_path):
     shutil.copytree(good, missing_chunk)
     chunk = next(p for p in (missing_chunk / "1" / "masked_logits").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.unlink()
-    with pytest.raises(CacheError, match="NaN or inf"):
+    with pytest.raises(CacheError, match="damaged: /1/masked_logits differ"):
         load_cache(missing_chunk)
 
     missing_layer = tmp_path / "missing_layer.zarr"
@@ -202,6 +202,22 @@ def test_loading_damaged_or_foreign_stores_fails_clearly(computed, tmp_path):
     shutil.rmtree(missing_layer / "3")
     with pytest.raises(CacheError, match="layer '3'"):
         load_cache(missing_layer)
+
+
+@pytest.mark.parametrize("variable", ["picture", "input", "3/constant", "1/activation"])
+def test_a_store_with_a_missing_chunk_is_refused_whatever_the_variable(computed, tmp_path, variable):
+    """Zarr reads a missing chunk back as the fill value (0, False or NaN): the checksums
+    recorded at save time catch what the NaN check cannot."""
+    _, tree = computed
+    good = save_cache(tree, tmp_path / "good.zarr")
+    assert "checksums" not in tree.attrs  # saving leaves the cache itself alone
+    chunks = [p for p in (good / variable).rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert chunks, f"no stored chunk for {variable}"
+    chunks[0].unlink()
+    with pytest.raises(CacheError, match=f"damaged: /{variable} differ.*Compute the cache again"):
+        load_cache(good)
+    lazy = load_cache(good, lazy=True)  # reads no data: opens, without the checksums attribute
+    assert "checksums" not in lazy.attrs
 
 
 def test_validate_rejects_wrong_dims_and_types(computed):

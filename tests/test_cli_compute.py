@@ -91,3 +91,120 @@ def test_unknown_convention_is_an_argparse_error(tmp_path, capsys):
         main(["compute", "--image", "sample:chelsea", "--convention", "gradcam", "--out", str(tmp_path / "c.zarr")])
     assert caught.value.code == 2
     assert "invalid choice: 'gradcam'" in capsys.readouterr().err
+
+
+class _Recorded(Exception):
+    """Raised by the stand-in for compute_cache once it has recorded its arguments."""
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the model loading and compute_cache with recorders; returns what compute_cache got."""
+    from scorecam_explorer import engine
+    from scorecam_explorer.commands import compute
+
+    calls: dict = {}
+
+    def record(model, images, layers, **options):
+        calls.update(model=model, images=images, layers=layers, options=options)
+        raise _Recorded
+
+    monkeypatch.setattr(compute, "model_from_arguments", lambda args: "the model")
+    monkeypatch.setattr(engine, "compute_cache", record)
+    return calls
+
+
+def _run_recorded(tmp_path, *arguments: str) -> None:
+    with pytest.raises(_Recorded):
+        main(["compute", "--image", "sample:chelsea", *arguments, "--out", str(tmp_path / "c.zarr")])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "layers"),
+    [
+        (["--layer", "blocks.11", "blocks.15"], ["blocks.11", "blocks.15"]),
+        (["--layer", "blocks.11", "--layer", "blocks.15"], ["blocks.11", "blocks.15"]),
+        (["--layer", "head", "blocks.5", "--layer", "blocks.11"], ["head", "blocks.5", "blocks.11"]),
+    ],
+)
+def test_layers_after_one_flag_or_repeated(tmp_path, recorded, arguments, layers):
+    _run_recorded(tmp_path, *arguments)
+    assert recorded["layers"] == layers
+
+
+def test_layer_without_a_name_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["compute", "--image", "sample:chelsea", "--layer", "--out", str(tmp_path / "c.zarr")])
+    assert caught.value.code == 2
+    assert "--layer" in capsys.readouterr().err
+
+
+def test_both_layer_forms_compute_each_layer_once(tmp_path, capsys):
+    out = tmp_path / "c.zarr"
+    status = main(
+        ["compute", *MODEL, "--image", "sample:chelsea", "--layer", "features.1", "features.0",
+         "--layer", "features.0", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    )
+    assert status == 0, capsys.readouterr().err
+    assert json.loads(load_cache(out).attrs["layers"]) == ["features.0", "features.1"]  # shallow to deep
+
+
+def test_defaults_reach_compute_cache(tmp_path, recorded):
+    _run_recorded(tmp_path)
+    assert recorded["model"] == "the model"
+    assert recorded["images"] == ["sample:chelsea"]
+    assert recorded["layers"] is None
+    assert recorded["options"] == {
+        "convention": "paper",
+        "batch_size": None,
+        "device": "auto",
+        "progress": True,
+        "precision": "float32",
+        "tune_allocator": True,
+        "adapt_threads": True,
+        "fold_batchnorm": True,
+        "fuse_pointwise": True,
+    }
+
+
+@pytest.mark.parametrize(
+    ("arguments", "option", "value"),
+    [
+        (["--batch-size", "24"], "batch_size", 24),
+        (["--device", "cpu"], "device", "cpu"),
+        (["--precision", "bfloat16"], "precision", "bfloat16"),
+        (["--no-progress"], "progress", False),
+        (["--no-allocator-tuning"], "tune_allocator", False),
+        (["--no-adapt-threads"], "adapt_threads", False),
+        (["--no-fold-batchnorm"], "fold_batchnorm", False),
+        (["--no-fuse"], "fuse_pointwise", False),
+    ],
+)
+def test_each_flag_reaches_compute_cache(tmp_path, recorded, arguments, option, value):
+    _run_recorded(tmp_path, *arguments)
+    assert recorded["options"][option] == value
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch-size", "0"], "argument --batch-size: expected a positive whole number, got 0"),
+        (["--batch-size", "-8"], "argument --batch-size: expected a positive whole number, got -8"),
+        (["--batch-size", "many"], "argument --batch-size: expected a positive whole number, got 'many'"),
+        (["--precision", "float16"], "argument --precision: invalid choice: 'float16'"),
+    ],
+)
+def test_bad_values_are_argparse_errors(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as caught:
+        main(["compute", "--image", "sample:chelsea", *arguments, "--out", str(tmp_path / "c.zarr")])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compute_dataset_takes_layers_after_one_flag_or_repeated(tmp_path):
+    from scorecam_explorer.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["compute-dataset", "--images", str(tmp_path), "--layer", "a", "b", "--layer", "c", "--out", str(tmp_path / "s.zarr")]
+    )
+    assert args.layer == ["a", "b", "c"]

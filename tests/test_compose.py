@@ -272,6 +272,22 @@ def test_unknown_targets_raise_with_closest_names(named_cache):
         scorecam(named_cache, "block", [1, 2, 3])
 
 
+def test_unknown_class_name_with_no_close_match_lists_some_names(named_cache):
+    with pytest.raises(UnknownClassError) as error:
+        scorecam(named_cache, "block", "dog")
+    message = str(error.value)
+    assert "no class named 'dog' among this model's 6 classes" in message
+    assert "Did you mean" not in message
+    assert "tabby, tiger cat, Egyptian cat, crane, crane, espresso" in message
+    many = random_cache(n_classes=20)
+    with pytest.raises(UnknownClassError) as error:
+        channel_contributions(many, "block", "dog")
+    message = str(error.value)
+    assert "The first 8 are: class 0, class 1," in message and "class 7, ..." in message
+    assert "class 8" not in message
+    assert "cache['class_name'].values lists all 20" in message and "0..19" in message
+
+
 def test_one_target_per_image_and_top1_default(named_cache):
     per_image = scorecam(named_cache, "block", ["espresso", 2])
     assert list(per_image["target"].values) == [5, 2]
@@ -332,16 +348,19 @@ def test_channel_subset_equals_a_cache_without_the_other_channels():
     assert list(scorecam(cache, "block", 1, channels=keep)["channels_used"].values) == [4, 4]
 
 
-def test_bad_channel_subsets_are_refused():
+@pytest.mark.parametrize("function", [scorecam, channel_weights, channel_contributions])
+def test_bad_channel_subsets_are_refused(function):
     cache = random_cache(n_channels=8)
     with pytest.raises(ScorecamError, match=r"0\.\.7"):
-        scorecam(cache, "block", 0, channels=[1, 8])
+        function(cache, "block", 0, channels=[1, 8])
     with pytest.raises(ScorecamError, match="8 entries"):
-        scorecam(cache, "block", 0, channels=np.ones(5, dtype=bool))
+        function(cache, "block", 0, channels=np.ones(5, dtype=bool))
     with pytest.raises(ScorecamError, match="one row per image"):
-        scorecam(cache, "block", 0, channels=np.ones((3, 8), dtype=bool))
+        function(cache, "block", 0, channels=np.ones((3, 8), dtype=bool))
+    with pytest.raises(ScorecamError, match="integers"):
+        function(cache, "block", 0, channels=[0.5, 1.5])
     with pytest.raises(ScorecamError, match="top_k"):
-        scorecam(cache, "block", 0, top_k=0)
+        function(cache, "block", 0, top_k=0)
 
 
 def test_top_k_keeps_the_largest_weights_per_image():
@@ -447,6 +466,120 @@ def test_channel_contributions_decompose_the_map(name):
     one = channel_contributions(cache, "block", 1, preset=name, image="img1")
     assert one["contribution"].dims == ("channel", "fy", "fx")
     np.testing.assert_allclose(one["share"].values, shares[1])
+
+
+def map_from_contributions(contributions: xr.Dataset, preset_name: str, resolution: str, size) -> np.ndarray:
+    """N(ReLU(S)) from S = sum_k contribution_k, with ReLU, Up and N placed as the preset says."""
+    preset = PRESETS[preset_name]
+    eps = preset.normalize_eps
+    align = bool(preset.align_corners)  # None: the cache's convention, here paper (False)
+
+    def normalise(maps):
+        low = maps.min(axis=(-2, -1), keepdims=True)
+        span = maps.max(axis=(-2, -1), keepdims=True) - low
+        return np.where(span > 0, (maps - low) / np.where(span > 0, span + eps, 1.0), 0.0)
+
+    summed = contributions["contribution"].values.sum(axis=-3)
+    if resolution == "feature":
+        return normalise(np.maximum(summed, 0.0))
+    if preset.relu_at == "feature":
+        return normalise(resize_bilinear(normalise(np.maximum(summed, 0.0)), size, align_corners=align))
+    return normalise(np.maximum(resize_bilinear(summed, size, align_corners=align), 0.0))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_channel_contributions_of_a_subset_recompose_scorecam(name):
+    cache = random_cache(n_channels=9, feature=(4, 3), input_size=(10, 7), seed=13)
+    mask = np.zeros(9, dtype=bool)
+    mask[[1, 2, 6, 8]] = True
+    per_image = np.array([[0, 1, 2, 3], [5, 6, 7, 8]])
+    subsets = {
+        "all": {},
+        "ids": {"channels": [0, 3, 4, 7]},
+        "mask": {"channels": mask},
+        "per image": {"channels": per_image},
+        "top_k": {"top_k": 3},
+        "ids and top_k": {"channels": [0, 2, 3, 5, 8], "top_k": 2},
+        "max_n by variance": {"channels": top_channels_by_variance(cache, "block", 4)},
+        "top_k beyond the count": {"top_k": 50},
+        "none": {"channels": []},
+    }
+    full = channel_contributions(cache, "block", 2, preset=name)
+    for label, selection in subsets.items():
+        result = channel_contributions(cache, "block", 2, preset=name, **selection)
+        selected = result["selected"].values
+        assert result["contribution"].shape == (2, 9, 4, 3), label
+        used = scorecam(cache, "block", 2, preset=name, **selection)["channels_used"].values
+        np.testing.assert_array_equal(selected.sum(axis=1), used, err_msg=label)
+        weights = channel_weights(cache, "block", 2, preset=name, **selection).values
+        np.testing.assert_array_equal(result["weight"].values, weights, err_msg=label)
+        np.testing.assert_array_equal(result["weight"].values, np.where(selected, full["weight"].values, 0.0))
+        assert (result["contribution"].values[~selected] == 0).all(), label
+        assert (result["share"].values[~selected] == 0).all(), label
+        totals = result["share"].values.sum(axis=1)
+        assert np.allclose(totals, 1.0) or (label == "none" and (totals == 0).all()), label
+        for variable in ("score", "probability", "variance", "constant"):  # independent of the subset
+            np.testing.assert_array_equal(result[variable].values, full[variable].values, err_msg=label)
+        assert result.attrs["top_k"] == selection.get("top_k", -1)
+        for resolution in ("input", "feature"):
+            expected = scorecam(cache, "block", 2, preset=name, resolution=resolution, **selection)
+            recomposed = map_from_contributions(result, name, resolution, (10, 7))
+            np.testing.assert_allclose(recomposed, expected.values, atol=1e-6, err_msg=f"{label} {resolution}")
+    # the subsets named explicitly
+    ids = channel_contributions(cache, "block", 2, preset=name, channels=[0, 3, 4, 7])["selected"].values
+    assert ids[:, [0, 3, 4, 7]].all() and ids.sum() == 8
+    top = channel_contributions(cache, "block", 2, preset=name, top_k=3)
+    expected_top = top_channels_by_weight(cache, "block", 2, 3, preset=name).values
+    for image in range(2):
+        assert sorted(np.flatnonzero(top["selected"].values[image])) == sorted(expected_top[image])
+    # one image, its own subset
+    one = channel_contributions(cache, "block", 2, preset=name, channels=[5, 6, 7, 8], top_k=2, image="img1")
+    assert one["contribution"].dims == ("channel", "fy", "fx") and int(one["selected"].sum()) == 2
+    alone = scorecam(cache, "block", 2, preset=name, channels=[5, 6, 7, 8], top_k=2, image="img1")
+    np.testing.assert_allclose(map_from_contributions(one, name, "input", (10, 7)), alone.values, atol=1e-6)
+
+
+def test_composing_from_a_cache_runs_no_forward_pass(one_thread):
+    torch = pytest.importorskip("torch")
+    import _tiny_models
+
+    from scorecam_explorer.engine import compute_cache
+
+    torch.manual_seed(0)
+    model = _tiny_models.TinyCNN().eval()
+    inputs = torch.randn(2, 3, 32, 32)
+    cache = compute_cache(model, inputs, ["features.2", "features.4"], progress=False)
+    calls = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+        for module in model.modules()
+    ]
+    selections = ({}, {"channels": [0, 2, 5]}, {"top_k": 4}, {"channels": [1, 3, 4, 6], "top_k": 2})
+    try:
+        with torch.no_grad():  # the hooks and the counter see a forward pass...
+            model(inputs)
+        assert "TinyCNN" in calls and "Conv2d" in calls
+        calls.clear()
+        forward_calls = _tiny_models.forward_calls()
+        # ...and composing makes none
+        for layer in ("features.2", "features.4"):
+            for name in PRESETS:
+                for target in (None, 3, "class 7", [1, "class 9"]):
+                    for selection in selections:
+                        scorecam(cache, layer, target, preset=name, **selection)
+                        scorecam(cache, layer, target, preset=name, resolution="feature", image=1, **selection)
+                        channel_weights(cache, layer, target, preset=name, **selection)
+                        channel_contributions(cache, layer, target, preset=name, **selection)
+            top_channels_by_weight(cache, layer, 3, 4)
+            channels = top_channels_by_variance(cache, layer, 4)
+            scorecam(cache, layer, 3, channels=channels)
+            channel_contributions(cache, layer, 3, channels=channels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == []
+    assert _tiny_models.forward_calls() == forward_calls
+    assert all(not module._forward_pre_hooks and not module._forward_hooks for module in model.modules())
 
 
 # ---- speed: recomposing is array work, far under a frame ------------------------------------

@@ -460,3 +460,17 @@ def test_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(report.read_text())
     assert numbers["channels"] == 2048 and numbers["r_pgc"] >= 0.999
+
+
+def test_a_plain_module_keeps_its_train_flags_and_its_probe_passes_are_counted(tiny_cnn, x):
+    model = tiny_cnn.train()
+    model.features[1].eval()  # a mixed state: every flag must come back as it was
+    flags = [m.training for m in model.modules()]
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        cache = compute_cache(model, x, "features.4", progress=False)
+    finally:
+        handle.remove()
+    assert [m.training for m in model.modules()] == flags
+    assert cache.attrs["forward_passes"] == calls[0]  # the probe passes included

@@ -191,3 +191,11 @@ def test_default_model_matches_the_original_port(default_model) -> None:
     inputs = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(default_model.module(inputs), original(inputs), rtol=0, atol=0)
+
+
+def test_an_untargetable_layer_error_says_why_with_the_shape(tiny_cnn) -> None:
+    from scorecam_explorer.models import from_module
+
+    model = from_module(tiny_cnn, input_size=32)
+    with pytest.raises(UnknownLayerError, match=r"'classifier' .* outputs shape \(1, 10\), not a 4-D"):
+        model.check_layer("classifier")

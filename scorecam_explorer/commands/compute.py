@@ -10,6 +10,17 @@ from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
 PRECISIONS = ("float32", "bfloat16")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "compute",
@@ -30,9 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--layer",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="NAME",
-        help="a layer to explain (repeat for several; default: the model's default layer; see `scorecam-explorer layers`)",
+        help=(
+            "layers to explain: several names after one --layer, or --layer repeated; a name given twice is "
+            "computed once, and the cache lists layers shallow to deep (default: the model's default layer; "
+            "see `scorecam-explorer layers`)"
+        ),
     )
     parser.add_argument(
         "--convention",
@@ -40,8 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=list(MASK_CONVENTIONS),
         help=f"how activations become masks (default: {DEFAULT_CONVENTION})",
     )
-    parser.add_argument("--batch-size", type=int, help="masked inputs per forward pass (default: measured)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="masked inputs per forward pass, fixed (default: the fastest size, measured)",
+    )
+    parser.add_argument(
+        "--device", default="auto", metavar="NAME", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
+    )
     parser.add_argument(
         "--precision",
         default="float32",
@@ -53,6 +76,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-allocator-tuning",
         action="store_true",
         help="leave glibc's malloc settings alone (slower on CPU; results are the same)",
+    )
+    parser.add_argument(
+        "--no-adapt-threads",
+        action="store_true",
+        help="on a CPU, keep torch's thread count instead of also trying one thread for the masked passes",
+    )
+    parser.add_argument(
+        "--no-fold-batchnorm",
+        action="store_true",
+        help="run the masked passes on the model itself, not on a copy with BatchNorm folded into the "
+        "convolutions (slower; the same up to float32 rounding)",
+    )
+    parser.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="on a CPU in float32, do not fuse each convolution with the ReLU or residual addition after it "
+        "(slower; the same values)",
     )
     parser.add_argument("--out", required=True, metavar="CACHE.zarr", help="where to save the cache")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
@@ -83,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         precision=args.precision,
         tune_allocator=not args.no_allocator_tuning,
+        adapt_threads=not args.no_adapt_threads,
+        fold_batchnorm=not args.no_fold_batchnorm,
+        fuse_pointwise=not args.no_fuse,
     )
     saved = save_cache(cache, out, overwrite=args.overwrite)
 

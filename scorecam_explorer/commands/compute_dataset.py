@@ -27,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", required=True, metavar="DIR", help="a folder of pictures (jpg, png, ...)")
     parser.add_argument(
         "--layer",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="NAME",
-        help="a layer to explain (repeat for several; default: the model's default layer)",
+        help="layers to explain: several names after one --layer, or --layer repeated (default: the model's default layer)",
     )
     parser.add_argument("--out", required=True, metavar="STORE.zarr", help="the dataset store (created or resumed)")
     parser.add_argument(
