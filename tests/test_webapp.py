@@ -154,6 +154,16 @@ def test_a_cache_given_by_path_alone_is_served_as_it_is_without_the_model(tiny_m
     assert tiny_models == []  # no model loaded
 
 
+def test_weights_given_with_a_cache_path_are_checked_not_ignored(tiny_models, tmp_path, pictures, monkeypatch, capsys) -> None:
+    path = save_cache(compute_cache(tiny_model(), pictures[0], ["features.4"], progress=False), tmp_path / "c.zarr")
+    monkeypatch.setattr(webapp, "serve", lambda *args, **kwargs: 0)
+    tiny_models.clear()
+    status = cli.main(["app", "--cache", str(path), "--weights", "3", "--no-browser", "--port", str(webapp.free_port())])
+    # the default model is loaded with those weights (the test registry knows only "tiny": refused)
+    assert status == 2 and tiny_models == [("efficientnet_lite0", "3")]
+    assert "efficientnet_lite0" in capsys.readouterr().err
+
+
 # ---- ports and Voila ------------------------------------------------------------------------
 
 

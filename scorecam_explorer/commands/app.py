@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache", default=None, metavar="CACHE.zarr", help="cache to use or create (default: in the cache directory)")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: 8866, or a free one if it is taken)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser (for servers)")
-    parser.add_argument("--recompute", action="store_true", help="compute the cache afresh even if one exists")
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="compute the cache afresh for --model, --weights, --image and --layer (defaults: the embedded model, "
+        "sample:chelsea) even if one exists, and replace what is at --cache once the new one is complete",
+    )
     parser.set_defaults(func=run)
 
 
@@ -51,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
         webapp.check_port(port)
     weights = None if str(args.weights).lower() == "none" else args.weights
     explicit_model = args.model is not None or args.weights is not None
+    model_name = args.model
+    if model_name is None and args.weights is not None:  # weights of the default model: a cache is checked against them
+        from scorecam_explorer.default_model import NAME
+
+        model_name = NAME
     prepared = webapp.prepare_cache(
-        model_name=args.model if explicit_model else None,
+        model_name=model_name,
         weights="DEFAULT" if args.weights is None else weights,
         image=args.image,
         layers=args.layer,
