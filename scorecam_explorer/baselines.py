@@ -98,11 +98,20 @@ def model_inputs(model: ModelLike, inputs: Any, image_ids: Sequence[str] | None 
     return prepare_inputs(inputs, getattr(model, "preprocessing", None), image_ids)
 
 
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` as an int; ScorecamError unless it is a positive integer."""
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ScorecamError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    return int(batch_size)
+
+
 def resolve_targets(target: TargetLike, logits: torch.Tensor, class_names: Sequence[str] | None) -> list[int]:
     """One class index per image.
 
     ``target`` is None (each image's top-1 class), an int, a class name, or a sequence with one
-    int or name per image. Raises UnknownClassError for an index out of range or an unknown name.
+    int or name per image. Names follow the rules of ``compose.scorecam``: surrounding spaces
+    and case are ignored, and a name that several classes share is refused. Raises
+    UnknownClassError for an index out of range, an unknown name or an ambiguous one.
     """
     n_images, n_classes = int(logits.shape[0]), int(logits.shape[1])
     if target is None:
@@ -128,11 +137,28 @@ def _class_index(item: int | str, n_classes: int, class_names: Sequence[str] | N
             raise UnknownClassError(
                 f"class name {item!r} given but the model has no class names: give the class index instead"
             )
-        lowered = [n.lower() for n in class_names]
-        if item.lower() in lowered:
-            return lowered.index(item.lower())
-        raise UnknownClassError(f"unknown class name {item!r}.{did_you_mean(item, class_names)}")
+        return class_index_by_name(item, class_names)
     raise UnknownClassError(f"a target class must be an int or a class name, got {type(item).__name__}")
+
+
+def class_index_by_name(name: str, class_names: Sequence[str]) -> int:
+    """The index of the one class called ``name``, ignoring case and surrounding spaces.
+
+    The same rules as ``compose.scorecam``'s targets: a name that several classes share up to
+    case (ImageNet's "Cardigan", the corgi, is 264 and "cardigan" is 474) is ambiguous and
+    refused with the candidates, so that the class index is given instead.
+    """
+    key = name.strip().lower()
+    matches = [index for index, candidate in enumerate(class_names) if candidate.lower() == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UnknownClassError(
+            f"class name {name!r} is ambiguous: classes {', '.join(map(str, matches))} share it; "
+            "pass the class index instead."
+        )
+    hint = did_you_mean(name, class_names) or f" Give a class index 0..{len(class_names) - 1} instead."
+    raise UnknownClassError(f"no class named {name!r} among the model's {len(class_names)} classes.{hint}")
 
 
 def resolve_layer(model: ModelLike, layer: str | None, input_size: int) -> str:
@@ -175,6 +201,7 @@ def forward_in_batches(
     module: nn.Module, inputs: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> torch.Tensor:
     """f(X) for a batch, run in chunks of ``batch_size`` without gradients; float32 on the CPU."""
+    batch_size = check_batch_size(batch_size)
     device = device_of(module)
     outputs = []
     with evaluation_mode(module), torch.inference_mode():
@@ -243,7 +270,10 @@ def layer_gradients(
     own class c_n (``target`` resolved by :func:`resolve_targets`; None: the top-1 class).
     Images of a batch do not interact in eval mode, so the gradient of sum_n y^{c_n} with
     respect to A gives every image's own gradient.
+
+    Raises UnknownLayerError when the class scores do not depend on the layer's output.
     """
+    batch_size = check_batch_size(batch_size)
     module = module_of(model)
     layer_module = dict(module.named_modules())[layer]
     device = device_of(module)
@@ -273,9 +303,14 @@ def layer_gradients(
             batch_classes = resolve_targets(batch_target, output.detach(), class_names_of(model))
             leaf = capture.outputs[0]
             scores = output.gather(1, torch.as_tensor(batch_classes, device=device)[:, None]).sum()
-            (gradient,) = torch.autograd.grad(scores, leaf, allow_unused=True)
-            if gradient is None:  # the output does not depend on this layer
-                gradient = torch.zeros_like(leaf)
+            # The parameters and inputs need no gradient here, so the scores need one only
+            # through the layer's output.
+            gradient = torch.autograd.grad(scores, leaf, allow_unused=True)[0] if scores.requires_grad else None
+            if gradient is None:
+                raise UnknownLayerError(
+                    f"the model's output does not depend on layer {layer!r}: its output does not feed "
+                    "the class scores; choose a layer on the path to the output"
+                )
             activations.append(leaf.detach().float().cpu())
             gradients.append(gradient.detach().float().cpu())
             logits.append(output.detach().float().cpu())
@@ -315,6 +350,7 @@ def _gradient_cam(
     target: TargetLike,
     batch_size: int,
 ) -> xr.DataArray:
+    batch_size = check_batch_size(batch_size)
     batch = model_inputs(model, inputs)
     height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
     layer_name = resolve_layer(model, layer, height)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import time
 import warnings
@@ -65,6 +66,47 @@ def check_methods(methods: str | Sequence[str]) -> list[str]:
         if canonical not in checked:
             checked.append(canonical)
     return checked
+
+
+def check_settings(
+    *,
+    methods: str | Sequence[str] = METHODS,
+    keep_fraction: float = 0.5,
+    space: str = "input",
+    step_fraction: float = 0.01,
+    blur_kernel: int = 11,
+    blur_sigma: float = 5.0,
+    preset: str = "paper",
+    convention: str | None = None,
+    sanity_depth: int = 1,
+    batch_size: int = 16,
+) -> list[str]:
+    """Check the settings of :func:`evaluate` without touching a model or an image.
+
+    Uses the metrics' own checks: 0 < keep_fraction <= 1, ``space`` one of ``SPACES``,
+    0 < step_fraction <= 1, an odd blur kernel length >= 1 and sigma > 0, sanity_depth >= 1,
+    a positive batch size, and (when Score-CAM is evaluated) a known preset and mask
+    convention. Returns the checked method names (:func:`check_methods`); raises
+    ScorecamError (UnknownMethodError for a method) for the first bad setting.
+    """
+    from scorecam_explorer.baselines import check_batch_size
+    from scorecam_explorer.metrics.causal import check_blur, check_step_fraction
+    from scorecam_explorer.metrics.confidence import check_keep_fraction, check_space
+    from scorecam_explorer.metrics.sanity import check_depth
+
+    chosen = check_methods(methods)
+    check_keep_fraction(keep_fraction)
+    check_space(space)
+    check_step_fraction(step_fraction)
+    check_blur(blur_kernel, blur_sigma)
+    check_depth(sanity_depth, "sanity_depth")
+    check_batch_size(batch_size)
+    if "scorecam" in chosen:
+        from scorecam_explorer.conventions import get_convention
+        from scorecam_explorer.presets import get_preset
+
+        get_convention(convention if convention is not None else get_preset(preset).mask_convention)
+    return chosen
 
 
 # ---- images ------------------------------------------------------------------------------
@@ -349,20 +391,38 @@ def _format(value: float | None, key: str) -> str:
 
 
 def write_json_atomically(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename.
+
+    The file is flushed to disk before the rename and gets the mode of the file it replaces,
+    or for a new file the usual 0o666 & ~umask (a temporary file alone would be 0o600).
+    """
     target = Path(path)
     if not target.parent.is_dir():
         raise ScorecamError(f"cannot write {target}: folder {target.parent} does not exist")
+    mode = _file_mode(target)
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(data, handle, indent=1, allow_nan=False)
             handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits of ``path`` if it exists, else those a new file gets: 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # reading the umask means setting it; put it back at once
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 # ---- evaluate ----------------------------------------------------------------------------
@@ -402,7 +462,12 @@ def evaluate(
     randomisation check at ``sanity_depth`` (costly for Score-CAM: a cache per step).
     ``keep_maps`` keeps every method's maps in ``result.maps``; ``log`` receives one line
     per stage (progress).
+
+    Every setting is checked (:func:`check_settings`) before the images load and the model
+    runs, and a given ``target`` before the first forward pass.
     """
+    import torch
+
     from scorecam_explorer.baselines import GRADIENT_METHODS, model_inputs, resolve_layer, resolve_targets
     from scorecam_explorer.metrics import (
         average_drop_increase,
@@ -415,16 +480,28 @@ def evaluate(
     from scorecam_explorer.metrics._common import logits_of
     from scorecam_explorer.metrics.localisation import as_box_list, box_mask
     from scorecam_explorer.models import as_loaded_model
-
     from scorecam_explorer.runtime import tune_allocator
 
+    chosen_methods = check_settings(
+        methods=methods,
+        keep_fraction=keep_fraction,
+        space=space,
+        step_fraction=step_fraction,
+        blur_kernel=blur_kernel,
+        blur_sigma=blur_sigma,
+        preset=preset,
+        convention=convention,
+        sanity_depth=sanity_depth,
+        batch_size=batch_size,
+    )
     say = log or (lambda message: None)
     tune_allocator()  # keeps freed buffers in the process: faster batches, identical numbers
-    chosen_methods = check_methods(methods)
     image_set = images if isinstance(images, ImageSet) else collect_images(images, max_images)
     chosen_boxes = boxes_for(image_set, boxes)
     loaded = as_loaded_model(model)
     batch = model_inputs(loaded, image_set.pictures, image_set.ids)
+    if target is not None:  # a bad class fails now: checking a given class needs no forward pass
+        resolve_targets(target, torch.zeros(len(batch), len(loaded.class_names)), loaded.class_names)
     layer_name = resolve_layer(loaded, layer, int(batch.tensor.shape[2]))
     for image_boxes in chosen_boxes.values():  # a bad box fails now, not after the maps
         for box in as_box_list(image_boxes):

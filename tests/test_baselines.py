@@ -256,3 +256,60 @@ def default_model_picture(name: str):
     from scorecam_explorer.images import load_image
 
     return load_image(f"sample:{name}")
+
+
+def test_class_names_follow_the_rules_of_compose(tiny_cnn):
+    from scorecam_explorer.baselines import resolve_targets
+    from scorecam_explorer.models import from_module, imagenet_class_names
+
+    names = imagenet_class_names()
+    logits = torch.zeros(1, 1000)
+    assert resolve_targets(" tabby", logits, names) == [281]  # spaces and case are ignored
+    assert resolve_targets("TABBY ", logits, names) == [281]
+    with pytest.raises(UnknownClassError, match="ambiguous: classes 264, 474"):  # "Cardigan" and "cardigan"
+        resolve_targets("cardigan", logits, names)
+    with pytest.raises(UnknownClassError, match="Did you mean: tabby"):
+        resolve_targets("tabbyy", logits, names)
+    model = from_module(tiny_cnn, class_names=[f"thing{i}" for i in range(8)] + ["Twin", "twin"], input_size=32)
+    inputs = torch.randn(1, 3, 32, 32)
+    with pytest.raises(UnknownClassError, match="ambiguous: classes 8, 9"):
+        gradcam(model, inputs, "features.3", "twin")
+    np.testing.assert_array_equal(
+        gradcam(model, inputs, "features.3", "  Thing3 ").values, gradcam(model, inputs, "features.3", 3).values
+    )
+
+
+class UnusedBranch(nn.Module):
+    """``aux`` runs in every forward pass but the logits do not use its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.aux(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", [gradcam, gradcam_pp], ids=["gradcam", "gradcam++"])
+def test_a_layer_that_does_not_feed_the_output_is_a_clear_error(method):
+    model = UnusedBranch().train()
+    with pytest.raises(UnknownLayerError, match="output does not depend on layer 'aux'"):
+        method(model, torch.randn(2, 3, 8, 8), "aux", 0)
+    assert total_hooks(model) == 0
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert method(model, torch.randn(2, 3, 8, 8), "a", 0).shape == (2, 8, 8)  # the used layer works
+
+
+@pytest.mark.parametrize("method", [gradcam, gradcam_pp], ids=["gradcam", "gradcam++"])
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, True, None])
+def test_batch_size_must_be_a_positive_integer(tiny_cnn, method, batch_size):
+    calls = []
+    tiny_cnn.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ScorecamError, match="batch_size must be a positive integer"):
+        method(tiny_cnn, torch.randn(2, 3, 32, 32), "features.3", 0, batch_size=batch_size)
+    assert not calls
+    assert method(tiny_cnn, torch.randn(3, 3, 32, 32), "features.3", 0, batch_size=np.int64(2)).shape == (3, 32, 32)

@@ -220,3 +220,80 @@ def test_default_model_on_a_sample(default_model):
     assert 0.0 <= row["drop"].values[0] <= 100.0
     curve = row["deletion_curve"].values[0]
     assert curve[0] == pytest.approx(row["probability"].values[0], abs=1e-5)
+
+
+# ---- settings are checked before the work ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"keep_fraction": 0.0}, "keep_fraction"),
+        ({"keep_fraction": 1.5}, "keep_fraction"),
+        ({"space": "pixel"}, "unknown space"),
+        ({"step_fraction": 0.0}, "step_fraction"),
+        ({"blur_kernel": 4}, "blur kernel"),
+        ({"blur_sigma": 0.0}, "blur sigma"),
+        ({"sanity": True, "sanity_depth": 0}, "sanity_depth must be an integer of at least 1"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"methods": "scorecam", "preset": "papr"}, "unknown preset"),
+        ({"methods": "scorecam", "convention": "nope"}, "unknown mask convention"),
+        ({"methods": "gradcamm"}, "unknown method"),
+        ({"target": "no such class"}, "no class named"),
+        ({"target": 10}, "out of range"),
+        ({"target": [1, 2]}, "one per image"),
+    ],
+)
+def test_bad_settings_fail_before_any_forward_pass(tiny_model, picture_folder, settings, message):
+    from scorecam_explorer.errors import ScorecamError
+
+    calls = []
+    tiny_model.module.register_forward_pre_hook(lambda *args: calls.append(1))
+    arguments = {"methods": "scorecam,gradcam", **settings}
+    with pytest.raises(ScorecamError, match=message):
+        evaluate(tiny_model, picture_folder, **arguments)
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sanity", "--sanity-depth", "0"], "sanity_depth must be an integer of at least 1"),
+        (["--keep-fraction", "0"], "keep_fraction"),
+        (["--step-fraction", "0"], "step_fraction"),
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--methods", "scorecam", "--preset", "papr"], "unknown preset"),
+    ],
+)
+def test_cli_bad_settings_fail_before_the_model_loads(picture_folder, tmp_path, capsys, monkeypatch, arguments, message):
+    import scorecam_explorer.commands.evaluate as command
+
+    loaded = []
+    monkeypatch.setattr(command, "model_from_arguments", lambda args: loaded.append(args))
+    argv = ["evaluate", "--images", str(picture_folder), "--out", str(tmp_path / "r.json"), "--quiet", *arguments]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not loaded
+
+
+def test_write_json_atomically_gives_the_usual_mode_and_syncs(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *args: (events.append("replace"), real_replace(*args))[1])
+    previous = os.umask(0o027)
+    try:
+        new = write_json_atomically({"a": 1}, tmp_path / "new.json")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # 0o666 & ~umask, not mkstemp's 0o600
+        os.umask(0o022)
+        assert stat.S_IMODE(write_json_atomically({"a": 1}, tmp_path / "other.json").stat().st_mode) == 0o644
+        new.chmod(0o664)
+        write_json_atomically({"a": 2}, new)  # a replaced file keeps its mode
+        assert stat.S_IMODE(new.stat().st_mode) == 0o664
+        assert json.loads(new.read_text()) == {"a": 2}
+    finally:
+        os.umask(previous)
+    assert events == ["fsync", "replace"] * 3

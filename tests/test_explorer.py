@@ -4,6 +4,7 @@ compose (and numpy) for that state; plus the analysis helpers it draws from."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer import Explorer
 from scorecam_explorer.explorer import analysis, panel
-from scorecam_explorer.explorer.model_link import merge_layers
+from scorecam_explorer.explorer.model_link import ModelLink, merge_layers
 from scorecam_explorer.explorer.plotly_loader import FigureWidget, PlotlyBundle, _bundle_text
 from scorecam_explorer.explorer.recomposer_panel import parse_channels
 from scorecam_explorer.explorer.state import ExplorerState, kept_channels
@@ -136,6 +137,17 @@ def test_class_search_takes_any_name_and_reports_unknown_ones_in_place(explorer,
     assert "no class named" in explorer.controls.message.value and "zebra" in explorer.controls.message.value
 
 
+def test_searching_the_same_class_again_selects_it_again(explorer) -> None:
+    explorer.controls.search.value = "class 7"
+    assert explorer.state.selection.target == 7
+    assert explorer.controls.search.value == ""  # cleared, so the same name is a change next time
+    explorer.controls.target.value = 3
+    explorer.controls.search.value = "class 7"
+    assert explorer.state.selection.target == 7
+    explorer.controls.search.value = "zebra"  # refused: stays in the box to be corrected
+    assert explorer.controls.search.value == "zebra" and explorer.state.selection.target == 7
+
+
 def test_class_picker_lists_the_top_ten_with_probabilities(explorer, cache) -> None:
     logits = cache["logits"].isel(image=0).values.astype(np.float64)
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
@@ -225,6 +237,18 @@ def test_bad_channel_text_is_reported_in_place(explorer) -> None:
     assert "do not exist" in explorer.recomposer.message.value
     assert explorer.state.selection.switched_off == frozenset()
     assert parse_channels("1, 2 3") == {1, 2, 3}
+
+
+def test_refused_channel_text_is_replaced_by_the_channels_switched_off(explorer) -> None:
+    box, n = explorer.recomposer.switched_off, explorer.state.channel_count()
+    box.value = "2"
+    for refused, reason in [("3, 99", "do not exist"), (", ".join(map(str, range(n))), "every channel"), ("3, x", "not a channel number")]:
+        box.value = refused
+        assert explorer.state.selection.switched_off == frozenset({2})
+        assert box.value == "2", refused  # the box shows what the map uses
+        assert reason in explorer.recomposer.message.value  # and the message says why
+    box.value = "3, 99"  # the same refused text again is reported again
+    assert "do not exist" in explorer.recomposer.message.value and box.value == "2"
 
 
 def test_fidelity_curve_shown_is_pearson_r_of_compose_maps(explorer, cache) -> None:
@@ -393,6 +417,28 @@ def test_unknown_layer_or_class_opens_on_the_default_and_says_so(cache) -> None:
     assert "not in this cache" in explorer.controls.message.value
 
 
+def test_a_layer_with_nan_outputs_does_not_stop_the_explorer_opening(cache) -> None:
+    broken = cache.copy(deep=True)
+    broken["features.1"]["masked_logits"].values[0, 2, :] = np.nan
+    explorer = Explorer(broken, layer="features.4")
+    assert explorer.state.selection.layer == "features.4"
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, "features.4", explorer.state.selection.target, image=0)))
+    explorer.controls.layer.value = "features.1"  # refused, with the reason, in place
+    assert explorer.state.selection.layer == "features.4"
+    assert "not finite" in explorer.controls.message.value
+
+
+def test_a_layer_with_nan_activation_is_refused_by_the_channel_chart(cache) -> None:
+    broken = cache.copy(deep=True)
+    broken["features.1"]["activation"].values[0, 2, 1, 1] = np.nan
+    explorer = Explorer(broken, layer="features.4")
+    before = decode_typed_array(explorer.channels.bars.widget.data[0].customdata)
+    explorer.controls.layer.value = "features.1"
+    assert "channel chart" in explorer.channels.message.value and "NaN" in explorer.channels.message.value
+    shown = decode_typed_array(explorer.channels.bars.widget.data[0].customdata)
+    assert np.isfinite(shown).all() and np.array_equal(shown, before)  # no NaN reaches the hover data
+
+
 def test_state_checks_values_and_tells_listeners_once(cache) -> None:
     state = ExplorerState(cache)
     seen = []
@@ -458,6 +504,80 @@ def test_a_model_with_other_weights_is_refused_in_place(cache) -> None:
     explorer.controls.load_model.click()
     assert "not the ones the cache was made with" in explorer.controls.message.value
     assert explorer.controls.compute_row.layout.display == "none"
+
+
+def missing_weights():
+    raise FileNotFoundError("weights.pth missing")
+
+
+def bad_pickle():
+    raise pickle.UnpicklingError("invalid load key, 'x'.")
+
+
+@pytest.mark.parametrize("loader, name", [(missing_weights, "FileNotFoundError"), (bad_pickle, "UnpicklingError")])
+def test_a_model_that_fails_to_load_is_reported_in_place(cache, loader, name) -> None:
+    explorer = Explorer(cache, model=loader)
+    explorer.controls.load_model.click()
+    message = explorer.controls.message.value
+    assert "The model cannot be used" in message and name in message
+    assert explorer.controls.compute_row.layout.display == "none"
+    assert name in explorer.model.failure and not explorer.model.available
+    explorer.compare.mode.value = "methods"  # nothing raised into the notebook
+    assert name in explorer.compare.message.value
+    explorer.controls.compute_layer("features.1")
+    assert "Could not compute features.1" in explorer.controls.message.value and name in explorer.controls.message.value
+    assert not explorer.controls.compute.disabled
+
+
+def test_a_model_failure_is_reported_in_place_inside_a_kernel_too(cache, monkeypatch) -> None:
+    """In a kernel, an Output widget shows an exception raised inside it as a traceback and
+    swallows it: the panel must catch it first."""
+    tracebacks = []
+
+    class Shell:
+        def showtraceback(self, exc_tuple, tb_offset=0):
+            tracebacks.append(exc_tuple[0])
+
+    monkeypatch.setattr("ipywidgets.widgets.widget_output.get_ipython", lambda: Shell())
+    explorer = Explorer(cache, model=missing_weights)
+    explorer.controls.load_model.click()
+    assert "FileNotFoundError: weights.pth missing" in explorer.controls.message.value
+    explorer.controls.compute_layer("features.1")
+    assert "Could not compute features.1" in explorer.controls.message.value
+    assert tracebacks == []
+
+
+def test_compare_methods_with_a_model_that_fails_to_load_says_why(cache) -> None:
+    explorer = Explorer(cache, model=missing_weights)
+    explorer.compare.mode.value = "methods"
+    assert "FileNotFoundError: weights.pth missing" in explorer.compare.message.value
+    explorer.controls.layer.value = "features.1"  # following the selection raises nothing either
+    assert "FileNotFoundError" in explorer.compare.message.value
+
+
+def test_an_error_while_computing_a_layer_is_reported_and_not_left_computing(images) -> None:
+    broken = tiny_model(seed=0)
+    small = compute_cache(broken, images, ["features.4"], progress=False, batch_size=8)
+
+    def fail(_module, _args):
+        raise RuntimeError("out of memory (test)")
+
+    broken.module.register_forward_pre_hook(fail)
+    explorer = Explorer(small, model=broken)
+    explorer.controls.compute_layer("features.1")
+    assert "Could not compute features.1: RuntimeError: out of memory (test)" in explorer.controls.message.value
+    assert "Computing" not in explorer.controls.message.value and not explorer.controls.compute.disabled
+    assert explorer.state.layers == ["features.4"]
+
+
+def test_keyboard_interrupt_while_loading_the_model_is_not_swallowed() -> None:
+    def interrupted():
+        raise KeyboardInterrupt
+
+    link = ModelLink(interrupted, None)
+    with pytest.raises(KeyboardInterrupt):
+        link.get()
+    assert link.failure is None and link.available
 
 
 def test_from_model_computes_the_cache(model, images) -> None:

@@ -237,6 +237,14 @@ def test_an_inspected_channel_switched_off_is_grey_with_an_orange_outline() -> N
     assert isinstance(go.Figure(spec), go.Figure)  # Plotly accepts per-bar outline colours and widths
 
 
+def test_channel_bars_refuse_nan_in_their_hover_data() -> None:
+    data = contributions(6)
+    data["variance"].values[4] = np.nan
+    data["share"].values[1] = np.inf
+    with pytest.raises(ScorecamError, match=r"NaN or inf in the share and variance of channel\(s\) 1, 4"):
+        channel_bar_spec(data)
+
+
 def test_channel_detail_draws_activation_mask_and_masked_input() -> None:
     activation = xr.DataArray(RNG.random((7, 7)), dims=("fy", "fx"))
     mask = xr.DataArray(RNG.random((16, 16)), dims=("y", "x"))

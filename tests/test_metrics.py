@@ -401,3 +401,105 @@ def test_sanity_check_scorecam_against_a_manual_cascade(tiny_cache):
     constant = randomised["features.3"].ds["constant"].values
     n_constant_before = int(cache["features.3"].ds["constant"].values.sum())
     assert result.attrs["forward_passes"] == 2 * (2 + 2) + (32 - n_constant_before) + int((~constant).sum())
+
+
+# ---- argument checks, before any forward pass ---------------------------------------------
+
+
+def count_forward_calls(module: nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls
+
+
+BAD_METRIC_ARGUMENTS = [
+    (average_drop_increase, {"batch_size": 0}, "batch_size must be a positive integer"),
+    (average_drop_increase, {"batch_size": -1}, "batch_size must be a positive integer"),
+    (average_drop_increase, {"keep_fraction": 0.0}, "keep_fraction"),
+    (average_drop_increase, {"space": "pixel"}, "unknown space"),
+    (deletion, {"batch_size": 0}, "batch_size must be a positive integer"),
+    (deletion, {"step_fraction": 0.0}, "step_fraction"),
+    (insertion, {"batch_size": 2.0}, "batch_size must be a positive integer"),
+    (insertion, {"blur_kernel": 4}, "blur kernel"),
+    (insertion, {"blur_sigma": 0.0}, "blur sigma"),
+    (deletion_insertion, {"batch_size": 0}, "batch_size must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("metric", "arguments", "message"), BAD_METRIC_ARGUMENTS)
+def test_bad_metric_arguments_fail_before_any_forward_pass(tiny_cnn, metric, arguments, message):
+    calls = count_forward_calls(tiny_cnn)
+    inputs = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ScorecamError, match=message):
+        metric(tiny_cnn, inputs, np.full((2, 32, 32), 0.5, dtype=np.float32), 1, **arguments)
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"depth": 0}, "depth must be an integer of at least 1"),
+        ({"method": "scorecam", "preset": "papr"}, "unknown preset"),
+    ],
+)
+def test_bad_sanity_arguments_fail_before_any_forward_pass(tiny_cnn, arguments, message):
+    calls = count_forward_calls(tiny_cnn)
+    with pytest.raises(ScorecamError, match=message):
+        sanity_check(tiny_cnn, torch.randn(1, 3, 32, 32), "features.3", **arguments)
+    assert not calls
+
+
+def test_energy_pointing_game_takes_integer_image_keys():
+    saliency = np.zeros((2, 4, 4))
+    saliency[0, :2, :2] = 1.0
+    saliency[1] = 1.0
+    maps = xr.DataArray(saliency, dims=("image", "y", "x"), coords={"image": [0, 1]})
+    by_int = energy_pointing_game(maps, {0: [0, 0, 2, 2], 1: [0, 0, 2, 2]})
+    by_str = energy_pointing_game(maps, {"0": [0, 0, 2, 2], "1": [0, 0, 2, 2]})
+    np.testing.assert_allclose(by_int.values, [1.0, 0.25])
+    np.testing.assert_array_equal(by_int.values, by_str.values)
+    assert list(by_int.coords["image"].values) == ["0", "1"]
+    with pytest.raises(BoxError, match="twice"):
+        energy_pointing_game(maps, {0: [0, 0, 2, 2], "0": [0, 0, 1, 1]})
+    with pytest.raises(BoxError, match="unknown images: 2"):
+        energy_pointing_game(maps, {2: [0, 0, 2, 2]})
+
+
+# ---- the caller's random state -----------------------------------------------------------
+
+
+def test_randomise_group_leaves_every_random_generator_alone(tiny_cnn, monkeypatch):
+    from scorecam_explorer.metrics.sanity import cuda_devices_of, randomise_group
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(("one", seed)))
+    assert cuda_devices_of(tiny_cnn) == []
+    state = torch.random.get_rng_state()
+    first = randomise_group(tiny_cnn, "classifier", seed=7)
+    weights = tiny_cnn.classifier.weight.detach().clone()
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert seeded == []  # a model on the CPU reseeds no GPU (torch.manual_seed would reseed them all)
+    assert randomise_group(tiny_cnn, "classifier", seed=7) == first
+    torch.testing.assert_close(tiny_cnn.classifier.weight, weights)  # the seed decides the draw
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_randomise_group_on_a_gpu_restores_its_generator(tiny_cnn):
+    from scorecam_explorer.metrics.sanity import cuda_devices_of, randomise_group
+
+    model = tiny_cnn.cuda()
+    assert cuda_devices_of(model) == [torch.cuda.current_device()]
+    cpu_state, gpu_state = torch.random.get_rng_state(), torch.cuda.get_rng_state()
+    randomise_group(model, "features.0", seed=3)
+    weights = model.features[0].weight.detach().clone()
+    assert torch.equal(cpu_state, torch.random.get_rng_state())
+    assert torch.equal(gpu_state, torch.cuda.get_rng_state())
+    randomise_group(model, "features.0", seed=3)
+    torch.testing.assert_close(model.features[0].weight, weights)
+    inputs = torch.randn(2, 3, 32, 32)
+    on_gpu = sanity_check(model, inputs, "features.3", 1, method="gradcam", seed=2)
+    on_cpu = sanity_check(model.cpu(), inputs, "features.3", 1, method="gradcam", seed=2)
+    assert torch.equal(gpu_state, torch.cuda.get_rng_state())
+    assert on_gpu.sizes == on_cpu.sizes

@@ -177,6 +177,18 @@ def test_a_model_with_other_weights_is_refused_in_place(cache) -> None:
     assert panel.button.layout.display == "none"
 
 
+def test_a_model_that_fails_to_load_is_refused_in_place(cache) -> None:
+    def missing_weights():
+        raise FileNotFoundError("weights.pth missing")
+
+    panel = make_panel(cache, missing_weights)
+    assert panel.compute() is None
+    assert "FileNotFoundError: weights.pth missing" in panel.message.value
+    assert panel.button.layout.display == "none"  # the model is unusable: no button to press again
+    panel.state.update(top_k=2)
+    assert "FileNotFoundError" in panel.status.value and panel.results == {}
+
+
 def test_an_error_inside_the_computation_is_shown_in_place(cache) -> None:
     broken = tiny_model(seed=0)
 

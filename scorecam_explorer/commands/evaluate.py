@@ -58,17 +58,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scorecam_explorer.errors import ScorecamError
-    from scorecam_explorer.evaluation import check_methods, collect_images, evaluate, load_boxes
+    from scorecam_explorer.evaluation import check_settings, collect_images, evaluate, load_boxes
 
     # cheap checks first, before the model loads
-    methods = check_methods(args.methods)
+    methods = check_settings(
+        methods=args.methods,
+        keep_fraction=args.keep_fraction,
+        space=args.space,
+        step_fraction=args.step_fraction,
+        preset=args.preset,
+        sanity_depth=args.sanity_depth,
+        batch_size=args.batch_size,
+    )
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ScorecamError(f"cannot write {out}: folder {out.parent} does not exist")
     boxes = load_boxes(args.boxes) if args.boxes else None
     images = collect_images(args.images, args.max_images)  # fails early on an empty or missing folder
-    if args.batch_size < 1:
-        raise ScorecamError(f"--batch-size must be a positive integer, got {args.batch_size}")
 
     model = model_from_arguments(args)
     log = None if args.quiet else (lambda line: print(f"[evaluate] {line}", file=sys.stderr, flush=True))

@@ -14,7 +14,7 @@ import xarray as xr
 
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer import analysis
-from scorecam_explorer.explorer.model_link import BASELINE_METHODS, ModelLink, gradient_map
+from scorecam_explorer.explorer.model_link import BASELINE_METHODS, ModelLink, error_text, gradient_map
 from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState
 from scorecam_explorer.figures import compare_spec
@@ -123,7 +123,13 @@ class ComparePanel(Panel):
             return state.full_map(), f"Score-CAM ({s.preset}) · {s.layer}"
         key = (choice, s.layer, s.target, s.image, id(state.cache))
         if key not in self._gradient_maps:
-            self._gradient_maps[key] = gradient_map(choice, self.model.get(), state.cache, s.layer, s.target, s.image)
+            try:
+                model = self.model.get()
+                self._gradient_maps[key] = gradient_map(choice, model, state.cache, s.layer, s.target, s.image)
+            except ScorecamError:
+                raise
+            except Exception as error:  # noqa: BLE001 - shown in the panel, never raised into the notebook
+                raise ScorecamError(f"{BASELINE_METHODS[choice]} failed: {error_text(error)}") from error
         return self._gradient_maps[key], f"{BASELINE_METHODS[choice]} · {s.layer}"
 
     def _spec(self) -> dict:

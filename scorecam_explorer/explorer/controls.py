@@ -8,13 +8,17 @@ is not cached can be computed here, with a progress bar.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import ipywidgets as widgets
 
-from scorecam_explorer.errors import ScorecamError
-from scorecam_explorer.explorer.model_link import ModelLink
+from scorecam_explorer.explorer.model_link import ModelLink, error_text
 from scorecam_explorer.explorer.panel import Panel, message_html
 from scorecam_explorer.explorer.state import ExplorerState
 from scorecam_explorer.presets import PRESETS
+
+T = TypeVar("T")
 
 PRESET_HELP = {
     "paper": "Wang et al. 2020: softmax over channels of the logit increase over the baseline",
@@ -155,20 +159,34 @@ class Controls(Panel):
         if not text or self._syncing:
             return
         index = self._label_index.get(text.lower())
-        if index is not None:
-            self.apply(target=index)
-        else:
-            self.apply(target=text)  # a class name; an unknown one is reported with the closest names
+        # Any other text goes to the state as a class name: an unknown one is reported with the
+        # closest names and stays in the box to be corrected.
+        if self.apply(target=text if index is None else index):
+            with self.syncing():
+                self.search.value = ""  # so that searching the same name again is a change
 
     # ---- layers that are not cached -----------------------------------------------------
+
+    def _in_progress(self, work: Callable[[], T]) -> T:
+        """``work()`` with what it prints (the progress bar) in the progress area.
+
+        Its exception is raised here, outside the area: in a kernel, an Output widget shows an
+        exception raised inside it as a traceback and swallows it.
+        """
+        failure: BaseException | None = None
+        with self.progress:
+            try:
+                return work()
+            except BaseException as error:  # noqa: BLE001 - raised again below, outside the widget
+                failure = error
+        raise failure
 
     def list_model_layers(self) -> None:
         """Load the model (if needed) and offer its layers that are not cached."""
         try:
-            with self.progress:
-                layers = self.model.uncached_layers(self.state.cache)
-        except ScorecamError as error:
-            self.show_error(f"The model cannot be used: {error}")
+            layers = self._in_progress(lambda: self.model.uncached_layers(self.state.cache))
+        except Exception as error:  # noqa: BLE001 - a model's failure must not escape into the notebook
+            self.show_error(f"The model cannot be used: {error_text(error)}")
             self.compute_row.layout.display = "none"
             return
         self.new_layer.options = layers
@@ -188,10 +206,14 @@ class Controls(Panel):
         self.compute.disabled = True
         self.message.value = message_html(f"Computing {layer}: one forward pass per channel…", "note")
         try:
-            with self.progress:
-                cache = compute_layers(self.state.cache, self.model.get(), [layer], progress=True)
-        except ScorecamError as error:
-            self.show_error(f"Could not compute {layer}: {error}")
+            cache = self._in_progress(
+                lambda: compute_layers(self.state.cache, self.model.get(), [layer], progress=True)
+            )
+        except Exception as error:  # noqa: BLE001 - never left on "Computing …"; nothing escapes
+            self.progress.clear_output()
+            self.show_error(f"Could not compute {layer}: {error_text(error)}")
+            if not self.model.available:  # the model itself is unusable
+                self.compute_row.layout.display = "none"
             return
         finally:
             self.compute.disabled = False

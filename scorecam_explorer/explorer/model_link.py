@@ -109,6 +109,15 @@ def gradient_map(
     return result
 
 
+def error_text(error: BaseException) -> str:
+    """One line for the user: a ScorecamError's message, else the exception's type and the
+    first line of its message (``"FileNotFoundError: weights.pth missing"``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, ScorecamError):
+        return " ".join(lines)
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class ModelLink:
     """The model behind a cache, loaded on first use and checked against the cache.
 
@@ -140,7 +149,12 @@ class ModelLink:
         return self._failure
 
     def get(self) -> LoadedModel:
-        """The model, loading and checking it on first call (ScorecamError when unusable)."""
+        """The model, loading and checking it on first call.
+
+        Raises ScorecamError when it is unusable: whatever loading it raised (other than
+        KeyboardInterrupt / SystemExit) is kept as :attr:`failure`, and every later call
+        raises it again without another try.
+        """
         if self._model is not None:
             return self._model
         if self._failure is not None:
@@ -157,6 +171,9 @@ class ModelLink:
         except ScorecamError as error:
             self._failure = str(error)
             raise
+        except Exception as error:  # noqa: BLE001 - a broken loader (missing file, bad pickle) is reported, not raised
+            self._failure = f"loading the model raised {error_text(error)}"
+            raise ScorecamError(self._failure) from error
         self._model = model
         return model
 

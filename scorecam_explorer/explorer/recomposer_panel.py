@@ -90,12 +90,21 @@ class RecomposerPanel(Panel):
         self.summary.value = summary_html(kept, switched_on, len(selection.switched_off), r)
 
     def _on_text(self, change: dict) -> None:
+        if self._syncing:
+            return
         try:
             channels = parse_channels(str(change["new"]))
         except ValueError as error:
             self.show_error(f"{error}; type channel numbers separated by commas.")
+            self._show_switched_off()
             return
-        self.apply(switched_off=channels)
+        if not self.apply(switched_off=channels):
+            self._show_switched_off()  # the error stays; the box shows what the map uses
+
+    def _show_switched_off(self) -> None:
+        """Put the state's channels switched off back in the box, after text it refused."""
+        with self.syncing():
+            self.switched_off.value = ", ".join(map(str, sorted(self.state.selection.switched_off)))
 
     def _refresh(self, changed: frozenset[str]) -> None:
         selection = self.state.selection

@@ -403,7 +403,14 @@ class ExplorerState:
         return self.full_map(dataclasses.replace(s, **changes))
 
     def warm_up(self) -> None:
-        """Read every layer's arrays once so that the first visit to a layer is fast."""
+        """Read every layer's arrays once so that the first visit to a layer is fast.
+
+        A layer whose arrays cannot be used (NaN in its masked outputs, ...) is skipped: the
+        panels say why when it is selected.
+        """
         s = self._selection
         for layer in self.layers:
-            self.contributions(dataclasses.replace(s, layer=layer))
+            try:
+                self.contributions(dataclasses.replace(s, layer=layer))
+            except ScorecamError:
+                continue

@@ -105,6 +105,20 @@ def bar_marker(status: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _check_finite(columns: np.ndarray) -> None:
+    """Refuse bar data (a row per channel, the :data:`CUSTOMDATA` columns) holding NaN or inf,
+    naming the columns and channels (ScorecamError)."""
+    bad = ~np.isfinite(columns)
+    if not bad.any():
+        return
+    names = [name for name, column in zip(CUSTOMDATA, bad.T) if column.any()]
+    channels = columns[bad.any(axis=1), 0]
+    shown = ", ".join(str(int(k)) for k in channels[:5]) + (", …" if len(channels) > 5 else "")
+    raise ScorecamError(
+        f"cannot draw the channel chart: NaN or inf in the {' and '.join(names)} of channel(s) {shown}."
+    )
+
+
 def channel_bar_spec(
     contributions: xr.Dataset,
     *,
@@ -124,10 +138,12 @@ def channel_bar_spec(
     is :data:`CUSTOMDATA` (a typed-array spec: :func:`~.encoding.decode_typed_array`); its
     colour (:func:`bar_status`, :data:`STATUS_LEGEND`) is blue in the map, light blue beyond
     the top k (``kept`` False), grey switched off, orange the inspected channel (grey with an
-    orange outline when it is switched off).
+    orange outline when it is switched off). NaN or inf in these numbers is refused
+    (ScorecamError), as in every map.
     """
     order = channel_order(contributions, sort_by)
     columns = np.stack([np.asarray(contributions[name].values, dtype=np.float64) for name in CUSTOMDATA], axis=1)
+    _check_finite(columns)
     weight = columns[:, 3]
     status = bar_status(len(weight), selected=selected, switched_off=switched_off, kept=kept)
     bars = {

@@ -15,6 +15,7 @@ from scorecam_explorer.baselines import (
     DEFAULT_BATCH_SIZE,
     ModelLike,
     TargetLike,
+    check_batch_size,
     class_names_of,
     device_of,
     evaluation_mode,
@@ -93,6 +94,7 @@ def batched_probabilities(
 
 def chunks(tensor: torch.Tensor, classes: list[int], batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, classes) in batches of ``batch_size``."""
+    batch_size = check_batch_size(batch_size)
     labels = torch.as_tensor(classes, dtype=torch.long)
     for start in range(0, tensor.shape[0], batch_size):
         yield tensor[start : start + batch_size], labels[start : start + batch_size]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, check_batch_size, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
@@ -62,16 +62,21 @@ def gaussian_kernel_1d(sigma: float, truncate: float = _GAUSSIAN_TRUNCATE) -> np
     return weights / weights.sum()
 
 
+def check_blur(klen: int, sigma: float) -> None:
+    """ScorecamError unless ``klen`` is a positive odd integer and ``sigma`` > 0."""
+    if isinstance(klen, (bool, np.bool_)) or not isinstance(klen, (int, np.integer)) or klen < 1 or klen % 2 == 0:
+        raise ScorecamError(f"the blur kernel length must be a positive odd number, got {klen!r}")
+    if not sigma > 0:
+        raise ScorecamError(f"the blur sigma must be positive, got {sigma}")
+
+
 def rise_blur_kernel(klen: int = DEFAULT_BLUR_KERNEL, sigma: float = DEFAULT_BLUR_SIGMA) -> np.ndarray:
     """RISE's ``gkern(klen, sigma)`` for one channel: gaussian_filter of a centred impulse, (klen, klen).
 
     The filter is separable; scipy's default boundary mode ``reflect`` (d c b a | a b c d)
     folds the Gaussian's tails back into the klen x klen grid.
     """
-    if klen < 1 or klen % 2 == 0:
-        raise ScorecamError(f"the blur kernel length must be a positive odd number, got {klen}")
-    if sigma <= 0:
-        raise ScorecamError(f"the blur sigma must be positive, got {sigma}")
+    check_blur(klen, sigma)
     weights = gaussian_kernel_1d(sigma)
     radius = weights.size // 2
     impulse = np.zeros(klen)
@@ -98,10 +103,16 @@ def saliency_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def step_size(n_pixels: int, step_fraction: float) -> int:
-    """Pixels changed per step: round(step_fraction * P), at least 1."""
+def check_step_fraction(step_fraction: float) -> float:
+    """``step_fraction`` unchanged; ScorecamError unless 0 < step_fraction <= 1."""
     if not 0.0 < step_fraction <= 1.0:
         raise ScorecamError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    return step_fraction
+
+
+def step_size(n_pixels: int, step_fraction: float) -> int:
+    """Pixels changed per step: round(step_fraction * P), at least 1."""
+    check_step_fraction(step_fraction)
     return max(1, int(round(step_fraction * n_pixels)))
 
 
@@ -143,6 +154,10 @@ def _causal_metric(
     blur_sigma: float,
     batch_size: int,
 ) -> xr.Dataset:
+    check_step_fraction(step_fraction)
+    if mode == "insertion":
+        check_blur(blur_kernel, blur_sigma)
+    batch_size = check_batch_size(batch_size)
     batch, saliency = inputs_with_maps(model, inputs, maps)
     logits = logits_of(module_of(model), batch.tensor, batch_size)
     classes = targets_for(model, maps, target, logits)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, check_batch_size, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
@@ -48,14 +48,27 @@ DEFAULT_KEEP_FRACTION = 0.5
 SPACES = ("input", "pixels")
 
 
+def check_keep_fraction(keep_fraction: float) -> float:
+    """``keep_fraction`` unchanged; ScorecamError unless 0 < keep_fraction <= 1."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ScorecamError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    return keep_fraction
+
+
+def check_space(space: str) -> str:
+    """``space`` unchanged; ScorecamError unless it is one of :data:`SPACES`."""
+    if space not in SPACES:
+        raise ScorecamError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+    return space
+
+
 def keep_top_fraction(maps: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     """M = H * 1[top ``keep_fraction`` of H by rank]; (N, H, W) -> (N, H, W).
 
     Exactly k = round(keep_fraction * H * W) pixels keep their value (at least one); ties are
     broken in row-major order.
     """
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ScorecamError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    check_keep_fraction(keep_fraction)
     n_images = maps.shape[0]
     flat = maps.reshape(n_images, -1)
     keep = max(1, int(round(keep_fraction * flat.shape[1])))
@@ -117,8 +130,9 @@ def average_drop_increase(
     ``drop`` and ``increase`` (per image, in %), attributes ``average_drop`` and
     ``average_increase`` (the means), ``forward_passes`` and ``protocol`` (JSON).
     """
-    if space not in SPACES:
-        raise ScorecamError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+    check_space(space)
+    check_keep_fraction(keep_fraction)
+    batch_size = check_batch_size(batch_size)
     batch, saliency = inputs_with_maps(model, inputs, maps)
     module = module_of(model)
     logits = logits_of(module, batch.tensor, batch_size)

@@ -68,8 +68,8 @@ def energy_pointing_game(maps: xr.DataArray | np.ndarray, boxes: BoxesLike) -> x
     """Share of each map's energy inside its box(es), along ``image`` (see the module doc).
 
     ``maps``: (image, y, x) DataArray or an (N, H, W) / (H, W) array, values >= 0.
-    ``boxes``: a mapping image id -> box or list of boxes (images without a box are left out),
-    or a sequence with one box (or list of boxes) per image.
+    ``boxes``: a mapping image id (compared as a string) -> box or list of boxes (images
+    without a box are left out), or a sequence with one box (or list of boxes) per image.
 
     Returns a DataArray of proportions in [0, 1] along ``image`` (the images that have a box),
     with attributes ``mean`` and ``protocol``. An all-zero map has no energy: its proportion
@@ -91,10 +91,13 @@ def energy_pointing_game(maps: xr.DataArray | np.ndarray, boxes: BoxesLike) -> x
         raise ScorecamError("the energy pointing game needs non-negative maps (energy); got negative values")
     image_ids = image_ids or [f"image-{i}" for i in range(values.shape[0])]
     if isinstance(boxes, Mapping):
-        unknown = [key for key in boxes if str(key) not in image_ids]
+        by_id = {str(key): value for key, value in boxes.items()}  # image ids are strings
+        if len(by_id) != len(boxes):
+            raise BoxError(f"boxes given twice for one image: keys {', '.join(map(repr, boxes))} name the same ids")
+        unknown = [key for key in by_id if key not in image_ids]
         if unknown:
-            raise BoxError(f"boxes given for unknown images: {', '.join(map(str, unknown))} (images: {', '.join(image_ids)})")
-        chosen = [(index, boxes[name]) for index, name in enumerate(image_ids) if name in boxes]
+            raise BoxError(f"boxes given for unknown images: {', '.join(unknown)} (images: {', '.join(image_ids)})")
+        chosen = [(index, by_id[name]) for index, name in enumerate(image_ids) if name in by_id]
     else:
         box_list = list(boxes)
         if len(box_list) != values.shape[0]:

@@ -15,10 +15,10 @@ Groups are the modules that own parameters, grouped by the first ``depth`` parts
 ``named_modules()`` name (``depth=2``: ``layer4.1``, ``blocks.15``, ``features.28``; one
 block each), in reverse model order. A group is re-initialised with each module's own
 ``reset_parameters()`` (what Quantus' model parameter randomisation test does; batch norm
-thus becomes the identity), under ``torch.manual_seed(seed + step)`` without touching the
-caller's random state; parameters of modules without ``reset_parameters`` are drawn from
-N(0, std of the original values). The user's model is never modified: the cascade runs on a
-deep copy.
+thus becomes the identity), with the CPU generator and those of the model's GPUs seeded
+with ``seed + step`` and restored afterwards, so the caller's random state is left alone;
+parameters of modules without ``reset_parameters`` are drawn from N(0, std of the original
+values). The user's model is never modified: the cascade runs on a deep copy.
 
 Cost per step: Grad-CAM / Grad-CAM++ one forward and one backward pass per image; Score-CAM
 a whole cache (N unmasked + N baseline + one pass per non-constant channel and image).
@@ -40,6 +40,7 @@ from scorecam_explorer.baselines import (
     GRADIENT_METHODS,
     ModelLike,
     TargetLike,
+    check_batch_size,
     class_names_of,
     model_inputs,
     module_of,
@@ -51,10 +52,25 @@ from scorecam_explorer.metrics._common import logits_of, protocol_attrs, spearma
 SANITY_METHODS = ("scorecam", "gradcam", "gradcam++")
 
 
+def check_depth(depth: int, name: str = "depth") -> int:
+    """``depth`` as an int; ScorecamError (naming the setting ``name``) unless it is an integer >= 1."""
+    if isinstance(depth, (bool, np.bool_)) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ScorecamError(f"{name} must be an integer of at least 1, got {depth!r}")
+    return int(depth)
+
+
+def check_method(method: str) -> str:
+    """``method`` unchanged; ScorecamError unless it is one of :data:`SANITY_METHODS`."""
+    if method not in SANITY_METHODS:
+        raise ScorecamError(
+            f"unknown method {method!r}; choose one of {', '.join(SANITY_METHODS)}.{did_you_mean(method, SANITY_METHODS)}"
+        )
+    return method
+
+
 def cascade_groups(module: nn.Module, depth: int = 2) -> list[str]:
     """Names of the parameter groups, top (output) first; see the module doc."""
-    if depth < 1:
-        raise ScorecamError(f"depth must be at least 1, got {depth}")
+    depth = check_depth(depth)
     groups: list[str] = []
     for name, sub in module.named_modules():
         if not name or not any(p is not None for p in sub._parameters.values()):
@@ -65,11 +81,31 @@ def cascade_groups(module: nn.Module, depth: int = 2) -> list[str]:
     return groups[::-1]
 
 
+def cuda_devices_of(module: nn.Module) -> list[int]:
+    """Indices of the CUDA devices that hold the module's parameters (empty on the CPU)."""
+    devices = {
+        p.device.index if p.device.index is not None else torch.cuda.current_device()
+        for p in module.parameters()
+        if p.device.type == "cuda"
+    }
+    return sorted(devices)
+
+
 def randomise_group(module: nn.Module, group: str, seed: int) -> int:
-    """Re-initialise every parameter under ``group`` (in place, on ``module``); returns the count."""
+    """Re-initialise every parameter under ``group`` (in place, on ``module``); returns the count.
+
+    The draws come from the CPU generator and those of the CUDA devices that hold the module,
+    seeded with ``seed`` inside ``fork_rng``: the caller's random state, on the CPU and on
+    every GPU, is the same afterwards.
+    """
     count = 0
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    devices = cuda_devices_of(module)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        # torch.manual_seed would also reseed GPUs that fork_rng does not restore
+        torch.random.default_generator.manual_seed(seed)
+        for device in devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         for name, sub in module.named_modules():
             if not (name == group or name.startswith(group + ".")):
                 continue
@@ -154,8 +190,13 @@ def sanity_check(
     ``layer``, ``forward_passes``, ``protocol``; with ``keep_maps`` also ``maps``
     (step, image, y, x).
     """
-    if method not in SANITY_METHODS:
-        raise ScorecamError(f"unknown method {method!r}; choose one of {', '.join(SANITY_METHODS)}.{did_you_mean(method, SANITY_METHODS)}")
+    check_method(method)
+    depth = check_depth(depth)
+    batch_size = check_batch_size(batch_size)
+    if method == "scorecam":
+        from scorecam_explorer.presets import get_preset
+
+        get_preset(preset)
     batch = model_inputs(model, inputs)
     original_module = module_of(model)
     layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
