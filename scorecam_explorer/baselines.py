@@ -50,6 +50,7 @@ from scorecam_explorer.errors import (
     did_you_mean,
 )
 from scorecam_explorer.inputs import InputBatch, prepare_inputs
+from scorecam_explorer.targets import class_index, names_table
 
 if TYPE_CHECKING:
     from scorecam_explorer.models import LoadedModel
@@ -122,43 +123,8 @@ def resolve_targets(target: TargetLike, logits: torch.Tensor, class_names: Seque
         items = list(target)
         if len(items) != n_images:
             raise UnknownClassError(f"{len(items)} targets given for {n_images} images: give one per image")
-    return [_class_index(item, n_classes, class_names) for item in items]
-
-
-def _class_index(item: int | str, n_classes: int, class_names: Sequence[str] | None) -> int:
-    if isinstance(item, (bool, np.bool_)):
-        raise UnknownClassError(f"a target class must be an int or a class name, got {item!r}")
-    if isinstance(item, (int, np.integer)):
-        if not 0 <= int(item) < n_classes:
-            raise UnknownClassError(f"class index {int(item)} is out of range: the model has {n_classes} classes")
-        return int(item)
-    if isinstance(item, str):
-        if not class_names:
-            raise UnknownClassError(
-                f"class name {item!r} given but the model has no class names: give the class index instead"
-            )
-        return class_index_by_name(item, class_names)
-    raise UnknownClassError(f"a target class must be an int or a class name, got {type(item).__name__}")
-
-
-def class_index_by_name(name: str, class_names: Sequence[str]) -> int:
-    """The index of the one class called ``name``, ignoring case and surrounding spaces.
-
-    The same rules as ``compose.scorecam``'s targets: a name that several classes share up to
-    case (ImageNet's "Cardigan", the corgi, is 264 and "cardigan" is 474) is ambiguous and
-    refused with the candidates, so that the class index is given instead.
-    """
-    key = name.strip().lower()
-    matches = [index for index, candidate in enumerate(class_names) if candidate.lower() == key]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise UnknownClassError(
-            f"class name {name!r} is ambiguous: classes {', '.join(map(str, matches))} share it; "
-            "pass the class index instead."
-        )
-    hint = did_you_mean(name, class_names) or f" Give a class index 0..{len(class_names) - 1} instead."
-    raise UnknownClassError(f"no class named {name!r} among the model's {len(class_names)} classes.{hint}")
+    table = names_table(class_names) if class_names else None
+    return [class_index(item, class_names, count=n_classes, table=table) for item in items]
 
 
 def resolve_layer(model: ModelLike, layer: str | None, input_size: int) -> str:

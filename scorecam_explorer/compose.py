@@ -46,6 +46,7 @@ from scorecam_explorer.errors import (
 )
 from scorecam_explorer.presets import PRESETS, Preset, Resolution, TargetScores, get_preset
 from scorecam_explorer.resize import resize_adjoint, resize_bilinear
+from scorecam_explorer.targets import class_index, names_table
 
 __all__ = [
     "PRESETS",
@@ -107,10 +108,7 @@ class _CacheArrays:
 
     def class_index_by_name(self) -> dict[str, list[int]]:
         if self._names_lower is None:
-            table: dict[str, list[int]] = {}
-            for index, name in enumerate(self.class_names):
-                table.setdefault(name.lower(), []).append(index)
-            self._names_lower = table
+            self._names_lower = names_table(self.class_names)
         return self._names_lower
 
 
@@ -227,38 +225,7 @@ def _image_indices(root: _CacheArrays, image: ImageSelector) -> list[int]:
 
 
 def _class_index(root: _CacheArrays, target: int | str | np.integer) -> int:
-    count = len(root.class_names)
-    if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
-        if not 0 <= int(target) < count:
-            raise UnknownClassError(
-                f"class index {int(target)} is out of range: this model has {count} classes (0..{count - 1})."
-            )
-        return int(target)
-    if isinstance(target, str):
-        matches = root.class_index_by_name().get(target.strip().lower(), [])
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise UnknownClassError(
-                f"class name {target!r} is ambiguous: classes {', '.join(map(str, matches))} share it; "
-                "pass the class index instead."
-            )
-        raise UnknownClassError(
-            f"no class named {target!r} among this model's {count} classes."
-            f"{did_you_mean(target, root.class_names) or _some_class_names(root.class_names)}"
-        )
-    raise UnknownClassError(f"a target is a class index or a class name, not {type(target).__name__}.")
-
-
-def _some_class_names(class_names: list[str], shown: int = 8) -> str:
-    """An error-message suffix naming some valid classes, for a name with no close match."""
-    count = len(class_names)
-    if count <= shown:
-        return f" Its classes are: {', '.join(class_names)}."
-    return (
-        f" The first {shown} are: {', '.join(class_names[:shown])}, ...; "
-        f"cache['class_name'].values lists all {count}, or pass a class index 0..{count - 1}."
-    )
+    return class_index(target, root.class_names, table=root.class_index_by_name())
 
 
 def resolve_targets(cache: xr.DataTree, target: Target, image: ImageSelector = None) -> np.ndarray:

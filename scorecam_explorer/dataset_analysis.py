@@ -28,11 +28,11 @@ from scorecam_explorer.errors import (
     CacheError,
     NonFiniteError,
     ScorecamError,
-    UnknownClassError,
     UnknownLayerError,
     did_you_mean,
 )
 from scorecam_explorer.presets import Preset, TargetScores, get_preset
+from scorecam_explorer.targets import class_index
 
 __all__ = ["channel_statistics", "dataset_channel_maps", "dataset_channel_weights", "dataset_top_channels"]
 
@@ -288,23 +288,7 @@ def _class_names(tree: xr.DataTree) -> list[str]:
 
 
 def _class_index(tree: xr.DataTree, target: ClassTarget) -> int | None:
-    names = _class_names(tree)
-    if target is None:
-        return None
-    if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
-        if not 0 <= int(target) < len(names):
-            raise UnknownClassError(f"class index {int(target)} is out of range: the model has {len(names)} classes.")
-        return int(target)
-    if isinstance(target, str):
-        matches = [index for index, name in enumerate(names) if name.lower() == target.strip().lower()]
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
-            raise UnknownClassError(
-                f"class name {target!r} is ambiguous: classes {', '.join(map(str, matches))} share it; pass an index."
-            )
-        raise UnknownClassError(f"no class named {target!r}.{did_you_mean(target, names)}")
-    raise UnknownClassError(f"a target is a class index, a class name or None, not {type(target).__name__}.")
+    return None if target is None else class_index(target, _class_names(tree))
 
 
 def _target_label(tree: xr.DataTree, class_index: int | None) -> str:
