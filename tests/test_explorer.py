@@ -426,6 +426,7 @@ def test_a_layer_with_nan_outputs_does_not_stop_the_explorer_opening(cache) -> N
     explorer.controls.layer.value = "features.1"  # refused, with the reason, in place
     assert explorer.state.selection.layer == "features.4"
     assert "not finite" in explorer.controls.message.value
+    assert explorer.controls.layer.value == "features.4"  # the slider shows the layer still shown
 
 
 def test_a_layer_with_nan_activation_is_refused_by_the_channel_chart(cache) -> None:

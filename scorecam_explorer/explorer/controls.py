@@ -8,11 +8,13 @@ is not cached can be computed here, with a progress bar.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
 import ipywidgets as widgets
 
+from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer.model_link import ModelLink, error_text
 from scorecam_explorer.explorer.panel import Panel, message_html
 from scorecam_explorer.explorer.state import ExplorerState
@@ -128,6 +130,17 @@ class Controls(Panel):
             probability = self.state.probability(selection.target)
             options.append((f"{self._labels[selection.target]} · {probability:.2%}", selection.target))
         return options
+
+    def apply(self, **changes: object) -> bool:
+        """As :meth:`Panel.apply`; a refused change also puts the widgets back to what the
+        state shows (the layer slider does not stay on a layer that was refused)."""
+        if self._syncing:
+            return False
+        if super().apply(**changes):
+            return True
+        with contextlib.suppress(ScorecamError):  # the refusal is already shown
+            self._refresh(frozenset())
+        return False
 
     def _refresh(self, changed: frozenset[str]) -> None:
         selection = self.state.selection
