@@ -21,8 +21,8 @@ import json
 import math
 import os
 import stat
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -393,36 +393,27 @@ def _format(value: float | None, key: str) -> str:
 def write_json_atomically(data: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename.
 
-    The file is flushed to disk before the rename and gets the mode of the file it replaces,
-    or for a new file the usual 0o666 & ~umask (a temporary file alone would be 0o600).
+    The file is flushed to disk before the rename. A new file gets the usual mode (0o666
+    less the umask, applied by the operating system); a replaced file keeps its mode.
     """
     target = Path(path)
     if not target.parent.is_dir():
         raise ScorecamError(f"cannot write {target}: folder {target.parent} does not exist")
-    mode = _file_mode(target)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(data, handle, indent=1, allow_nan=False)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
+        if target.exists():
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target
-
-
-def _file_mode(path: Path) -> int:
-    """The permission bits of ``path`` if it exists, else those a new file gets: 0o666 & ~umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)  # reading the umask means setting it; put it back at once
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 # ---- evaluate ----------------------------------------------------------------------------
