@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     first_call_bf16, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam", precision="bfloat16")
     # the floor is measured right after each of our runs: a shared machine's speed drifts
     # between rounds by more than the gap being measured
-    folded = runtime.folded_batchnorm(lite0.module, (lite0.fingerprint(), "cpu"), channels_last=True)
+    folded = runtime.folded_batchnorm(lite0.module, runtime.copy_key(lite0.module, lite0.fingerprint(), "cpu"), channels_last=True)
     masked_module = (runtime.fused_copy(folded) or folded) if folded is not None else lite0.module
     floors: list[tuple[float, float, object]] = []  # (ours / floor, seconds per image, plan)
     for _ in range(repeats):
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         resnet_target = int(resnet.module(xr).argmax())
     resnet_times: dict[str, list[float]] = {"ours": [], "pgc": []}
     resnet_first, _ = timed(ours, resnet, xr, "layer4", convention="pytorch-grad-cam")
-    resnet_folded = runtime.folded_batchnorm(resnet.module, (resnet.fingerprint(), "cpu"), channels_last=True)
+    resnet_folded = runtime.folded_batchnorm(
+        resnet.module, runtime.copy_key(resnet.module, resnet.fingerprint(), "cpu"), channels_last=True
+    )
     resnet_masked = (runtime.fused_copy(resnet_folded) or resnet_folded) if resnet_folded is not None else resnet.module
     # per round: (pgc / ours, pgc / our floor); the second bounds what any overhead cut could give
     resnet_rounds: list[tuple[float, float]] = []

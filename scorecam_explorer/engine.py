@@ -116,7 +116,7 @@ def compute_cache(
         if adapt_threads and (threads := runtime.remembered_threads(threads_key)) is not None:
             torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
-        folded = _folded_model(module, fold_batchnorm, (fingerprint, str(compute_device)), channels_last)
+        folded = _folded_model(module, fold_batchnorm, runtime.copy_key(module, fingerprint, compute_device), channels_last)
         fused = (
             runtime.fused_copy(folded)
             if fuse_pointwise and folded is not module and compute_device.type == "cpu" and precision == "float32"

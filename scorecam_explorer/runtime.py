@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import platform
 import statistics
@@ -335,6 +336,22 @@ def apply_plan(plan: Plan) -> None:
         torch.set_num_threads(plan.threads)
 
 
+def structure_digest(module: nn.Module) -> str:
+    """blake2b (hex) of ``repr(module)``: its submodules, their types and settings (kernel
+    sizes, BatchNorm eps, activations). With the weights fingerprint it decides when a
+    remembered faster copy still computes the model's function: swapping a module or
+    changing such a setting leaves the weights alone but must not reuse the old copy.
+    (A change that ``repr`` does not show, such as a replaced ``forward`` method, is not seen.)
+    """
+    return hashlib.blake2b(repr(module).encode(), digest_size=16).hexdigest()
+
+
+def copy_key(module: nn.Module, fingerprint: str, device: torch.device | str) -> tuple[str, str, str]:
+    """The key under which :func:`folded_batchnorm` remembers ``module``'s faster copy:
+    (weights fingerprint, :func:`structure_digest`, device)."""
+    return (fingerprint, structure_digest(module), str(device))
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether any submodule carries forward hooks or pre-hooks (someone observes the model)."""
     return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules())
@@ -354,7 +371,8 @@ def folded_batchnorm(module: nn.Module, key: tuple, *, channels_last: bool = Fal
     Float32 results differ by rounding only (relative 1e-6); callers
     check the copy against the model's own output before using it. Returns None when the
     model has no BatchNorm2d after a convolution or cannot be traced by ``torch.fx``.
-    ``key`` (weights fingerprint, device) decides when a remembered copy is reused.
+    ``key`` (:func:`copy_key`: weights fingerprint, structure, device) decides when a
+    remembered copy is reused.
     ``channels_last`` stores the copy's convolution weights channels-last, as the inputs
     will be (otherwise every convolution reorders its weights on every call; same values).
     """

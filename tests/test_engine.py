@@ -311,6 +311,22 @@ def test_batchnorm_folding_gives_the_same_scores(x):
     np.testing.assert_array_equal(folded["logits"].values, plain["logits"].values)  # capture never folds
 
 
+@pytest.mark.parametrize("change", ["swap the activation", "batchnorm eps"])
+def test_a_model_changed_without_new_weights_gets_a_new_faster_copy(x, change):
+    """The remembered faster copy is keyed by the weights and the model's structure: a new
+    function with the same state dict must not reuse the old copy."""
+    model = with_batchnorm(nn.Conv2d)
+    compute_cache(model, x, "5", progress=False)  # remembers a checked faster copy
+    if change == "swap the activation":
+        model[2] = nn.Identity()
+    else:
+        model[1].eps = 0.5
+    again = compute_cache(model, x, "5", progress=False)
+    plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
+    np.testing.assert_allclose(again["5"]["masked_logits"].values, plain["5"]["masked_logits"].values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again["baseline_logits"].values, plain["baseline_logits"].values, rtol=1e-5, atol=1e-5)
+
+
 def test_a_fold_that_changes_the_model_is_not_used(x):
     model = with_batchnorm(StandardisedConv)
     folded = compute_cache(model, x, "5", progress=False)

@@ -136,7 +136,7 @@ def test_a_fused_copy_that_differs_is_rejected_and_the_folded_one_used(tiny_cnn_
     real_forward = FusedConv2d.forward
     monkeypatch.setattr(FusedConv2d, "forward", lambda self, *args: real_forward(self, *args) + 1.0)
     broken = compute_cache(model, x, "5", progress=False)
-    folded = runtime.folded_batchnorm(model, (weights_fingerprint(model), "cpu"))  # the engine's copy
+    folded = runtime.folded_batchnorm(model, runtime.copy_key(model, weights_fingerprint(model), "cpu"))  # the engine's copy
     assert folded is not None and runtime.fused_copy(folded) is None  # rejected for good
     monkeypatch.setattr(FusedConv2d, "forward", real_forward)
     plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
