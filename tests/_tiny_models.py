@@ -3,7 +3,8 @@
 ``tiny_model`` is a fixed-seed CNN for 32x32 inputs. ``sabotaged_model`` is the same network
 (same weights, same fingerprint) that fails once, mid-computation, in whichever worker process
 first claims a marker file: it raises, or it kills its process. ``FORWARD_CALLS`` counts the
-forward passes of every tiny model in this process.
+forward passes of every tiny model in this process. ``batchnorm_cnn`` is a small network with
+BatchNorm for the folding and fusion tests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ from scorecam_explorer.preprocessing import Preprocessing
 
 INPUT_SIZE = 32
 FORWARD_CALLS = 0
+
+
+def batchnorm_cnn(conv_type: type[nn.Conv2d] = nn.Conv2d, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """conv-BN-ReLU, conv-BN-``activation``, pooled into 4 classes (3x?x? inputs), with
+    random BatchNorm statistics and affine parameters, so that folding changes every weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        conv_type(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), activation(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
+    )
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    return model.eval()
 
 
 class TinyCNN(nn.Module):

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from _tiny_models import batchnorm_cnn
 
 from scorecam_explorer import runtime
 from scorecam_explorer.engine import compute_cache
@@ -280,24 +281,10 @@ class StandardisedConv(nn.Conv2d):
         return nn.functional.conv2d(x, self.weight, None, self.stride, self.padding)
 
 
-def with_batchnorm(conv_type: type[nn.Conv2d]) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        conv_type(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
-    )
-    with torch.no_grad():
-        for norm in (model[1], model[4]):
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
-            norm.weight.uniform_(0.5, 2)
-            norm.bias.uniform_(-1, 1)
-    return model.eval()
 
 
 def test_batchnorm_folding_gives_the_same_scores(x):
-    model = with_batchnorm(nn.Conv2d)
+    model = batchnorm_cnn(nn.Conv2d)
     folded = compute_cache(model, x, "5", progress=False, fuse_pointwise=False)
     plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
     assert folded.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # one check pass on the copy
@@ -315,7 +302,7 @@ def test_batchnorm_folding_gives_the_same_scores(x):
 def test_a_model_changed_without_new_weights_gets_a_new_faster_copy(x, change):
     """The remembered faster copy is keyed by the weights and the model's structure: a new
     function with the same state dict must not reuse the old copy."""
-    model = with_batchnorm(nn.Conv2d)
+    model = batchnorm_cnn(nn.Conv2d)
     compute_cache(model, x, "5", progress=False)  # remembers a checked faster copy
     if change == "swap the activation":
         model[2] = nn.Identity()
@@ -328,7 +315,7 @@ def test_a_model_changed_without_new_weights_gets_a_new_faster_copy(x, change):
 
 
 def test_a_fold_that_changes_the_model_is_not_used(x):
-    model = with_batchnorm(StandardisedConv)
+    model = batchnorm_cnn(StandardisedConv)
     folded = compute_cache(model, x, "5", progress=False)
     plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
     np.testing.assert_array_equal(folded["5"]["masked_logits"].values, plain["5"]["masked_logits"].values)

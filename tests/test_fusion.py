@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 from torch import fx, nn
+from _tiny_models import batchnorm_cnn
 
 from scorecam_explorer import runtime
 from scorecam_explorer.engine import compute_cache
@@ -161,14 +162,4 @@ def test_bfloat16_runs_unfused(tiny_cnn_with_batchnorm):
 
 @pytest.fixture
 def tiny_cnn_with_batchnorm() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU6(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4),
-    )
-    with torch.no_grad():
-        for norm in (model[1], model[4]):
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
-    return model.eval()
+    return batchnorm_cnn(activation=nn.ReLU6)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from _tiny_models import batchnorm_cnn
 
 from scorecam_explorer.capture import capture
 from scorecam_explorer.conventions import MASK_CONVENTIONS, MaskConvention, get_convention
@@ -403,15 +404,7 @@ def test_planner_switches_when_the_chosen_plan_slows_down():
 def test_a_channels_last_folded_copy_stores_its_convolutions_channels_last_and_computes_the_same():
     from scorecam_explorer import runtime
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    ).eval()
-    with torch.no_grad():  # non-trivial running statistics, so folding changes the weights
-        for bn in (model[1], model[4]):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
+    model = batchnorm_cnn()  # non-trivial BatchNorm statistics, so folding changes the weights
     folded = runtime.folded_batchnorm(model, ("fingerprint", "cpu"), channels_last=True)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
