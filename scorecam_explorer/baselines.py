@@ -316,7 +316,6 @@ def _gradient_cam(
     target: TargetLike,
     batch_size: int,
 ) -> xr.DataArray:
-    batch_size = check_batch_size(batch_size)
     batch = model_inputs(model, inputs)
     height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
     layer_name = resolve_layer(model, layer, height)

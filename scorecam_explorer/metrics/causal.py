@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, check_batch_size, module_of
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
@@ -157,7 +157,6 @@ def _causal_metric(
     check_step_fraction(step_fraction)
     if mode == "insertion":
         check_blur(blur_kernel, blur_sigma)
-    batch_size = check_batch_size(batch_size)
     batch, saliency = inputs_with_maps(model, inputs, maps)
     logits = logits_of(module_of(model), batch.tensor, batch_size)
     classes = targets_for(model, maps, target, logits)

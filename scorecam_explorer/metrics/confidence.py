@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, check_batch_size, module_of
+from scorecam_explorer.baselines import DEFAULT_BATCH_SIZE, ModelLike, TargetLike, module_of
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.metrics._common import (
     MapsLike,
@@ -132,7 +132,6 @@ def average_drop_increase(
     """
     check_space(space)
     check_keep_fraction(keep_fraction)
-    batch_size = check_batch_size(batch_size)
     batch, saliency = inputs_with_maps(model, inputs, maps)
     module = module_of(model)
     logits = logits_of(module, batch.tensor, batch_size)
