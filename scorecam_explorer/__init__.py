@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "predict": "scorecam_explorer.prediction",
     # the engine and its cache
     "compute_cache": "scorecam_explorer.engine",
+    "release_copies": "scorecam_explorer.runtime",
     "save_cache": "scorecam_explorer.cache",
     "load_cache": "scorecam_explorer.cache",
     "check_cache_matches": "scorecam_explorer.cache",
@@ -41,7 +42,10 @@ _EXPORTS: dict[str, str] = {
     "top_channels_by_weight": "scorecam_explorer.compose",
     "top_channels_by_variance": "scorecam_explorer.compose",
     "PRESETS": "scorecam_explorer.presets",
-    # baselines and evaluation
+    # the methods' registry, baselines and evaluation
+    "Method": "scorecam_explorer.methods",
+    "get_method": "scorecam_explorer.methods",
+    "method_keys": "scorecam_explorer.methods",
     "gradcam": "scorecam_explorer.baselines",
     "gradcam_pp": "scorecam_explorer.baselines",
     "evaluate": "scorecam_explorer.evaluation",
@@ -70,10 +74,31 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)
     if module_name is None:
-        raise AttributeError(f"module 'scorecam_explorer' has no attribute {name!r}")
+        compute = _registered_compute(name)
+        if compute is None:
+            raise AttributeError(f"module 'scorecam_explorer' has no attribute {name!r}")
+        return compute  # not kept: the registry may change
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
+
+
+def _registered_compute(name: str) -> Any:
+    """The compute function of the registered method whose key or alias is ``name``, if any.
+
+    Every method of :mod:`scorecam_explorer.methods` is thus ``scorecam_explorer.<name>``
+    under each of its names that is a Python identifier (``gradcam_pp``, a new ``absgrad``).
+    """
+    if name.startswith("_") or not name.isidentifier():
+        return None
+    from scorecam_explorer.errors import UnknownMethodError
+    from scorecam_explorer.methods import get_method
+
+    try:
+        method = get_method(name)
+    except UnknownMethodError:
+        return None
+    return method.compute if name in method.names else None
 
 
 def __dir__() -> list[str]:

@@ -25,6 +25,10 @@ Gradients are taken exactly at the layer's output: a forward hook swaps the outp
 the gradient, and back-propagation stops at the layer. Hooks are removed, and the model's
 ``requires_grad`` flags and train/eval modes restored, also when an exception is raised.
 
+The weight rules live with their methods (:mod:`scorecam_explorer.methods.gradcam`,
+:mod:`scorecam_explorer.methods.gradcam_pp`); this module is the pipeline they share.
+:data:`GRADIENT_METHODS` is a live view of the registry's gradient methods.
+
 This module also holds the small helpers the metrics share: turning a model argument into a
 module, pictures into one input batch, and a target argument into one class per image.
 """
@@ -32,7 +36,7 @@ module, pictures into one input batch, and a target argument into one class per 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -50,6 +54,10 @@ from scorecam_explorer.errors import (
     did_you_mean,
 )
 from scorecam_explorer.inputs import InputBatch, prepare_inputs
+from scorecam_explorer.methods import ComputeView
+from scorecam_explorer.methods.gradcam import gradcam_weights
+from scorecam_explorer.methods.gradcam_pp import EPS as GRADCAM_PP_EPS
+from scorecam_explorer.methods.gradcam_pp import gradcam_pp_weights
 from scorecam_explorer.targets import class_index, names_table
 
 if TYPE_CHECKING:
@@ -59,7 +67,7 @@ ModelLike = Union["LoadedModel", nn.Module]
 TargetLike = Union[int, str, Sequence[Union[int, str]], None]
 
 DEFAULT_BATCH_SIZE = 16
-_GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's epsilon in the alpha denominator
+_GRADCAM_PP_EPS = GRADCAM_PP_EPS  # pytorch-grad-cam's epsilon in the alpha denominator
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,24 +192,8 @@ def forward_in_batches(
 # --------------------------------------------------------------------------------------------
 
 WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def gradcam_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM channel weights w_k = mean_ij g_k,ij; (N, C, u, v) -> (N, C)."""
-    return gradients.mean(dim=(2, 3))
-
-
-def gradcam_pp_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM++ channel weights w_k = sum_ij alpha_k,ij ReLU(g_k,ij); (N, C, u, v) -> (N, C).
-
-    alpha_k,ij = g^2 / (2 g^2 + (sum_ab A_k,ab) g^3 + eps), set to 0 where g = 0 (eq. 19).
-    """
-    squared = gradients.pow(2)
-    cubed = squared * gradients
-    activation_sums = activations.sum(dim=(2, 3), keepdim=True)
-    alpha = squared / (2 * squared + activation_sums * cubed + _GRADCAM_PP_EPS)
-    alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
-    return (alpha * gradients.clamp(min=0)).sum(dim=(2, 3))
+"""A method's weight rule: activations A and gradients g (N, C, u, v) -> channel weights (N, C).
+Each rule lives in its method's module (:mod:`scorecam_explorer.methods`)."""
 
 
 @dataclass
@@ -307,15 +299,20 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (maps - low) / safe, torch.zeros_like(maps))
 
 
-def _gradient_cam(
+def gradient_cam(
     method: str,
     weight_function: WeightFunction,
     model: ModelLike,
     inputs: Any,
     layer: str | None,
     target: TargetLike,
-    batch_size: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> xr.DataArray:
+    """Maps of the gradient method ``method`` whose weight rule is ``weight_function``.
+
+    L^c = ReLU(sum_k w_k A_k) with w = weight_function(A, d y^c / d A), upsampled and min-max
+    normalised (:func:`weighted_map`); arguments as for :func:`gradcam`.
+    """
     batch = model_inputs(model, inputs)
     height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
     layer_name = resolve_layer(model, layer, height)
@@ -370,7 +367,7 @@ def gradcam(
     LoadedModel's preprocessing); ``layer``: a ``named_modules()`` name (default: the model's
     default layer); ``target``: None (top-1 class), an int, a class name, or one per image.
     """
-    return _gradient_cam("gradcam", gradcam_weights, model, inputs, layer, target, batch_size)
+    return gradient_cam("gradcam", gradcam_weights, model, inputs, layer, target, batch_size)
 
 
 def gradcam_pp(
@@ -386,7 +383,10 @@ def gradcam_pp(
     w_k = sum_ij alpha_k,ij ReLU(g_k,ij), alpha = g^2 / (2 g^2 + sum_ab A_k,ab g^3 + eps).
     Arguments as for :func:`gradcam`.
     """
-    return _gradient_cam("gradcam++", gradcam_pp_weights, model, inputs, layer, target, batch_size)
+    return gradient_cam("gradcam++", gradcam_pp_weights, model, inputs, layer, target, batch_size)
 
 
-GRADIENT_METHODS: dict[str, Callable[..., xr.DataArray]] = {"gradcam": gradcam, "gradcam++": gradcam_pp}
+_gradient_cam = gradient_cam  # the former private name
+
+GRADIENT_METHODS: Mapping[str, Callable[..., xr.DataArray]] = ComputeView("gradients")
+"""A live view of the registered gradient methods: key (or alias) -> compute function."""

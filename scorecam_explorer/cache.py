@@ -2,7 +2,7 @@
 
 The schema is documented in ``docs/cache.md``: a root node with the pictures, the model
 input, the unmasked and baseline outputs, and one child node per layer with the activation
-A (image, channel, fy, fx), the masked outputs f(X * H_k) (image, channel, class) and the
+A (image, channel, fy, fx), the masked outputs f(X∘H_k) (image, channel, class) and the
 constant-channel flags. Everything a map needs is in it, so a saved cache is explored with
 no model.
 
@@ -60,6 +60,8 @@ REQUIRED_ATTRS = (
     "package_version",
     "layers",
 )
+DTYPES = ("float32", "bfloat16")
+"""The values of the ``dtype`` attribute: the precision the masked passes ran in."""
 # Channels per stored chunk of a layer's arrays (a chunk also holds a single image).
 CHANNEL_BLOCK = 256
 CHECKSUMS_ATTR = "checksums"
@@ -141,9 +143,39 @@ def build_cache(
     return validate_cache(xr.DataTree.from_dict(nodes))
 
 
+def recorded_layers(attrs: Mapping[str, Any]) -> list[str]:
+    """The layer names a cache's (or dataset store's) root attributes record, as written.
+
+    Raises KeyError when there is no ``layers`` attribute, ValueError or TypeError when it
+    is not a JSON list: :func:`validate_cache` reports those; readers use :func:`cache_layers`.
+    """
+    return [str(name) for name in json.loads(attrs["layers"])]
+
+
 def cache_layers(cache: xr.DataTree) -> list[str]:
-    """The cached layer names, shallow to deep."""
-    return list(json.loads(cache.attrs["layers"]))
+    """The cached layer names, shallow to deep.
+
+    The root's ``layers`` attribute (a JSON list) restricted to the layer nodes the tree
+    holds; the nodes in tree order when that attribute is missing, unreadable or names none
+    of them. The one rule every reader of a cache's layer list uses.
+    """
+    children = [str(name) for name in cache.children]
+    try:
+        listed = recorded_layers(cache.attrs)
+    except (KeyError, ValueError, TypeError):
+        listed = []
+    return [name for name in listed if name in children] or children
+
+
+def convention_fields(cache: xr.DataTree) -> dict[str, Any]:
+    """The cache's ``mask_convention`` attribute as a dict (name, align_corners, normalize,
+    eps, ...), ``{}`` when absent; CacheError when it is not JSON. For readers that need the
+    fields only (no check that they name a known convention, as :func:`cache_convention` does)."""
+    text = cache.attrs.get("mask_convention", "{}")
+    try:
+        return dict(json.loads(text)) if isinstance(text, str) else dict(text)
+    except (ValueError, TypeError) as error:
+        raise CacheError(f"the cache's mask_convention attribute is not JSON: {error}.") from None
 
 
 def cache_convention(cache: xr.DataTree) -> MaskConvention:
@@ -170,7 +202,7 @@ def validate_cache(cache: xr.DataTree, *, check_values: bool = True) -> xr.DataT
     if missing_attrs:
         raise CacheError(f"the cache lacks the attribute(s) {', '.join(missing_attrs)}.")
     try:
-        layers = cache_layers(cache)
+        layers = recorded_layers(cache.attrs)
         cache_convention(cache)
     except (ValueError, TypeError, ScorecamError) as error:
         raise CacheError(f"the cache's 'layers' or 'mask_convention' attribute is malformed: {error}") from None

@@ -10,7 +10,7 @@ the input resolution and min-max normalised to [0, 1]:
 
 where Up is bilinear interpolation to the input size (``align_corners`` as the
 implementation uses it) and min/max run over the spatial positions of one channel of one
-image. The masked input is X * H_k.
+image. The masked input is X∘H_k.
 
 A channel is *constant* when max == min at the resolution where it is normalised. Its mask
 is then all zero (we define it so also when eps == 0, where the formula would be 0/0; the

@@ -13,7 +13,10 @@ the N complete images of a store:
 
 Everything returned is a dask-backed ``xarray`` object: building it reads nothing but the
 ``complete`` flags and the class names; ``.compute()`` (or ``.values``) reads the store one
-image at a time, on the Dask cluster if a ``Client`` is active. No torch is imported.
+image at a time, on the Dask cluster if a ``Client`` is active. The weights of a block of
+images come from the same kernels as :mod:`scorecam_explorer.compose`
+(:func:`scorecam_explorer.kernels.target_scores`, :func:`~scorecam_explorer.kernels.preset_weights`),
+so they are bit-identical to ``channel_weights``. No torch is imported.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from typing import Union
 import numpy as np
 import xarray as xr
 
+from scorecam_explorer.cache import cache_layers
 from scorecam_explorer.errors import (
     CacheError,
-    NonFiniteError,
     ScorecamError,
     UnknownLayerError,
     did_you_mean,
 )
-from scorecam_explorer.presets import Preset, TargetScores, get_preset
+from scorecam_explorer.dataset_store import complete_rows, open_dataset
+from scorecam_explorer.kernels import preset_weights, rank_order, ranks, target_scores, top_k_mask
+from scorecam_explorer.presets import Preset, get_preset
 from scorecam_explorer.targets import class_index
 
 __all__ = ["channel_statistics", "dataset_channel_maps", "dataset_channel_weights", "dataset_top_channels"]
@@ -145,7 +150,7 @@ def dataset_top_channels(statistics: xr.Dataset, k: int, *, by: str = "weight_me
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ScorecamError(f"k must be a positive integer, not {k!r}.")
     values = np.asarray(statistics[by].values, dtype=np.float64)
-    order = np.argsort(-values, kind="stable")[: int(k)]
+    order = rank_order(values)[: int(k)]
     channels = np.asarray(statistics["channel"].values)[order]
     return xr.DataArray(
         channels,
@@ -208,60 +213,33 @@ def _weights_block(
     layer: str,
 ) -> np.ndarray:
     """w (n, C) for n images, computed as :func:`scorecam_explorer.compose.channel_weights` does."""
-    n_images, n_channels, _n_classes = masked_logits.shape
+    n_images = masked_logits.shape[0]
     targets = logits.argmax(axis=-1) if target is None else np.full(n_images, target, dtype=np.int64)
-    rows = np.arange(n_images)
-    masked_logit = masked_logits[rows[:, None], np.arange(n_channels)[None, :], targets[:, None]]
-
-    def log_normalizer() -> np.ndarray:  # logsumexp_j f^j(X * H_k) per (image, channel)
-        values = masked_logits.astype(np.float64)
-        peak = values.max(axis=-1, keepdims=True)
-        return (peak + np.log(np.exp(values - peak).sum(-1, keepdims=True)))[..., 0]
-
-    scores = TargetScores(
-        masked_logit=masked_logit.astype(np.float64),
-        logit=logits[rows, targets].astype(np.float64),
-        baseline_logit=baseline_logits[rows, targets].astype(np.float64),
-        constant=np.asarray(constant, dtype=bool),
-        log_normalizer=log_normalizer,
+    scores = target_scores(masked_logits, logits, baseline_logits, constant, targets)
+    return preset_weights(
+        preset,
+        scores,
+        layer=layer,
+        reason="the store holds NaN or inf in its masked outputs (an incomplete or damaged row)",
     )
-    weights = preset.weights(scores)
-    if not np.isfinite(weights).all():
-        raise NonFiniteError(
-            f"the {preset.name!r} weights of layer {layer!r} are not finite: the store holds NaN or inf "
-            "in its masked outputs (an incomplete or damaged row)."
-        )
-    return weights
 
 
 def _top_k_block(weights: np.ndarray, *, count: int) -> np.ndarray:
     """Whether each channel is among the ``count`` largest weights of its image."""
-    order = np.argsort(-weights, axis=-1, kind="stable")[..., :count]
-    chosen = np.zeros(weights.shape, dtype=bool)
-    np.put_along_axis(chosen, order, True, axis=-1)
-    return chosen
+    return top_k_mask(weights, count)
 
 
 def _rank_block(weights: np.ndarray) -> np.ndarray:
     """Each channel's place among its image's weights (0 = largest, ties to the lower id)."""
-    order = np.argsort(-weights, axis=-1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(weights.shape[-1])[None, :].repeat(weights.shape[0], 0), axis=-1)
-    return ranks
+    return ranks(weights)
 
 
 # ---- arguments ---------------------------------------------------------------------------
 
 
 def _open(dataset: Dataset) -> xr.DataTree:
-    from scorecam_explorer.distributed import open_dataset
-
     if isinstance(dataset, xr.DataTree):
-        if "complete" in dataset.dataset.data_vars:
-            done = np.flatnonzero(np.asarray(dataset["complete"].values, dtype=bool))
-            if len(done) < dataset.sizes["image"]:
-                dataset = dataset.isel(image=done)
-        tree = dataset
+        tree = complete_rows(dataset)
     elif isinstance(dataset, (str, os.PathLike)):
         tree = open_dataset(dataset)
     else:
@@ -272,7 +250,7 @@ def _open(dataset: Dataset) -> xr.DataTree:
 
 
 def _layer_node(tree: xr.DataTree, layer: str) -> xr.Dataset:
-    layers = list(tree.children)
+    layers = cache_layers(tree)
     if not isinstance(layer, str) or layer not in layers:
         raise UnknownLayerError(
             f"layer {layer!r} is not in this dataset; it holds: {', '.join(layers) or 'none'}."

@@ -6,7 +6,12 @@ the schema of a cache (``docs/cache.md``) whose ``image`` dimension holds every 
 image i and layer, exactly what a single-image cache holds:
 
     picture[i], input[i] = X_i, logits[i] = f(X_i), baseline_logits[i] = f(X_i * 0),
-    activation[i, k] = A_k(X_i), masked_logits[i, k] = f(X_i * H_ik), constant[i, k].
+    activation[i, k] = A_k(X_i), masked_logits[i, k] = f(X_i∘H_ik), constant[i, k].
+
+The store itself (its schema, creation, resumption checks, row writes, opening and
+selecting an image) is :mod:`scorecam_explorer.dataset_store`; this module runs the
+computation on Dask and re-exports the store's public names (``open_dataset``,
+``select_image``, ``DATASET_STORE``).
 
 How it stays correct when workers fail or a run is interrupted (``docs/distributed.md``):
 
@@ -32,9 +37,7 @@ neither torch nor dask: the functions that run on workers import what they need.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -49,17 +52,26 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.cache import (
-    LAYER_VARIABLES,
-    ROOT_VARIABLES,
-    SCHEMA,
-    storage_encoding,
-    with_plain_strings,
-    with_storable_strings,
-    validate_cache,
-)
+from scorecam_explorer.cache import recorded_layers
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
-from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError, did_you_mean
+from scorecam_explorer.dataset_store import (
+    DATASET_ATTRS,
+    DATASET_STORE,
+    DATASET_VARIABLES,
+    check_fits,
+    check_settings,
+    create_store,
+    existing_store_attrs,
+    finalize_store,
+    open_dataset,
+    resume_rows,
+    select_image,
+    skip_record,
+    store_template,
+    stored_images,
+    write_row,
+)
+from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError
 from scorecam_explorer.images import find_images, image_id
 
 if TYPE_CHECKING:
@@ -67,19 +79,19 @@ if TYPE_CHECKING:
 
     from scorecam_explorer.models import LoadedModel
 
-__all__ = ["DATASET_STORE", "DatasetRun", "compute_dataset", "open_dataset", "select_image"]
+__all__ = [
+    "DATASET_ATTRS",
+    "DATASET_STORE",
+    "DATASET_VARIABLES",
+    "PRECISIONS",
+    "DatasetRun",
+    "compute_dataset",
+    "open_dataset",
+    "select_image",
+]
 
-DATASET_STORE = "scorecam_explorer.dataset/1"
-"""The ``dataset_store`` attribute of every store :func:`compute_dataset` writes."""
-
-# Root variables (image,) a dataset store has besides the cache schema.
-DATASET_VARIABLES: dict[str, str] = {
-    "complete": "bool",
-    "image_forward_passes": "int64",
-    "image_seconds": "float64",
-}
-# Root attributes a dataset store has besides the cache schema.
-DATASET_ATTRS = ("dataset_store", "skipped_images", "runs")
+# The store's schema, creation, row writes and reading live in scorecam_explorer.dataset_store;
+# DATASET_STORE, DATASET_VARIABLES, DATASET_ATTRS, open_dataset and select_image are re-exported.
 PRECISIONS = ("float32", "bfloat16")
 # A factory that pickles to more than this carries its weights with it (a warning says so).
 _FACTORY_WARN_BYTES = 1 << 20
@@ -136,6 +148,7 @@ def compute_dataset(
     retries: int = 2,
     connect_timeout: float = 10.0,
     progress: bool = True,
+    tune_allocator: bool = False,
 ) -> DatasetRun:
     """Compute the Score-CAM cache of every image on Dask workers, into one Zarr store.
 
@@ -170,6 +183,13 @@ def compute_dataset(
             by the scheduler, up to its ``allowed-failures``).
         connect_timeout: seconds to wait for a scheduler address to answer.
         progress: show a progress bar over finished images.
+        tune_allocator: let each worker raise glibc's mmap and trim thresholds
+            (:func:`scorecam_explorer.runtime.tune_allocator`). Off by default: a Dask
+            nanny sets ``MALLOC_TRIM_THRESHOLD_`` so that a worker's freed memory goes back
+            to the operating system, and Dask's memory manager (spilling, pausing,
+            restarting a worker) relies on it; a tuned worker would keep its peak memory
+            for good. Turn it on only for workers with memory to spare (faster batches on
+            a CPU, identical numbers).
 
     Returns:
         A :class:`DatasetRun`; ``run.open()`` gives the store as a lazy cache.
@@ -188,14 +208,16 @@ def compute_dataset(
         raise ScorecamError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
         raise ScorecamError(f"batch size must be a positive integer, not {batch_size!r}.")
+    if not isinstance(tune_allocator, bool):
+        raise ScorecamError(f"tune_allocator must be True or False, not {tune_allocator!r}.")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ScorecamError(f"retries must be a non-negative integer, not {retries!r}.")
     requested_layers = _requested_layers(layers)
     sources, ids = _collect_sources(images)
     target = Path(store).absolute()
-    existing = _existing_store_attrs(target)
+    existing = existing_store_attrs(target)
     if existing is not None:
-        _check_settings(existing, target, mask_convention, precision, requested_layers)
+        check_settings(existing, target, mask_convention, precision, requested_layers)
 
     with _connect(client, workers, connect_timeout) as dask_client:
         run = DatasetRun(store=target, workers=len(dask_client.nthreads()))
@@ -205,11 +227,11 @@ def compute_dataset(
         if existing is None:
             pending = _start_store(dask_client, target, summary, sources, ids, mask_convention, precision, run)
         else:
-            pending = _resume_store(target, existing, summary, ids, run)
-        stored_ids, _complete = _stored_images(target)
+            run.already_complete, pending = resume_rows(target, existing, summary, ids)
+        stored_ids, _complete = stored_images(target)
         row_of = {image: row for row, image in enumerate(stored_ids)}
         source_of = dict(zip(ids, sources))
-        store_layers = json.loads(_existing_store_attrs(target)["layers"])  # type: ignore[index]
+        store_layers = recorded_layers(existing_store_attrs(target))  # type: ignore[arg-type]
         futures = [
             dask_client.submit(
                 _compute_image,
@@ -224,6 +246,7 @@ def compute_dataset(
                 precision,
                 batch_size,
                 device,
+                tune_allocator,
                 key=f"scorecam-image-{row_of[image]}-{uuid.uuid4().hex[:8]}",
                 retries=retries,
                 pure=False,
@@ -233,7 +256,13 @@ def compute_dataset(
         failures = _gather(dask_client, futures, pending, run, progress)
         late_skipped = {image: run.skipped[image] for image in pending if image in run.skipped}
         run.seconds = time.perf_counter() - watch
-        _finalize_store(target, run, late_skipped, source_of, failed=len(failures))
+        finalize_store(
+            target,
+            _run_record(run, failed=len(failures)),
+            run.computed,
+            run.devices,
+            {image: skip_record(image, reason, source_of) for image, reason in late_skipped.items()},
+        )
     _warn_skipped(late_skipped, late=True)
     if failures:
         listed = "; ".join(f"{image}: {reason}" for image, reason in list(failures.items())[:5])
@@ -266,20 +295,9 @@ def _start_store(
     _warn_skipped(unreadable)
     run.skipped.update(unreadable)
     source_of = dict(zip(ids, sources))
-    skipped = [_skip_record(image, reason, source_of) for image, reason in unreadable.items()]
-    _create_store(path, _template(summary, readable, convention, precision, skipped))
+    skipped = [skip_record(image, reason, source_of) for image, reason in unreadable.items()]
+    create_store(path, store_template(summary, readable, convention, precision, skipped))
     return readable
-
-
-def _resume_store(
-    path: Path, attrs: dict[str, Any], summary: dict[str, Any], ids: list[str], run: DatasetRun
-) -> list[str]:
-    """Check that the store was made with this model and these images; returns the images to compute."""
-    _check_model(attrs, path, summary)
-    stored_ids, complete = _stored_images(path)
-    _check_image_set(path, stored_ids, _skipped_ids(attrs), ids)
-    run.already_complete = [image for image, done in zip(stored_ids, complete) if done]
-    return [image for image, done in zip(stored_ids, complete) if not done]
 
 
 def _check_factory(model_factory: ModelFactory) -> str:
@@ -429,193 +447,16 @@ def _warn_skipped(skipped: dict[str, str], *, late: bool = False) -> None:
     warnings.warn(f"{len(skipped)} image(s) {when}: {listed}", stacklevel=3)
 
 
-# ---- the store ---------------------------------------------------------------------------
-
-
-def _existing_store_attrs(path: Path) -> dict[str, Any] | None:
-    """The root attributes of the dataset store at ``path``; None if nothing is there."""
-    if not path.exists():
-        return None
-    metadata = path / "zarr.json"
-    attributes: dict[str, Any] = {}
-    if metadata.is_file():
-        try:
-            attributes = json.loads(metadata.read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            attributes = {}
-    if attributes.get("dataset_store") == DATASET_STORE:
-        return attributes
-    if str(attributes.get("schema", "")).startswith("scorecam_explorer.cache"):
-        raise CacheError(
-            f"{path} is a single-image cache, not a dataset store; choose another path for the dataset store."
-        )
-    raise CacheError(f"{path} exists and is not a scorecam_explorer dataset store; choose another path.")
-
-
-def _check_settings(
-    attrs: dict[str, Any],
-    path: Path,
-    convention: MaskConvention,
-    precision: str,
-    layers: list[str] | None,
-) -> None:
-    """Refuse to resume a store made with another convention, precision or layers."""
-    recorded = MaskConvention.from_json(attrs["mask_convention"])
-    if recorded != convention:
-        raise CacheError(
-            f"the dataset store {path} was made with the {recorded.name!r} mask convention ({recorded.to_json()}), "
-            f"not {convention.name!r} ({convention.to_json()}); use convention={recorded.name!r} to resume it, "
-            "or another store."
-        )
-    if attrs.get("dtype") != precision:
-        raise CacheError(
-            f"the dataset store {path} was computed in {attrs.get('dtype')}, not {precision}; "
-            f"use precision={attrs.get('dtype')!r} to resume it, or another store."
-        )
-    stored_layers = json.loads(attrs["layers"])
-    if layers is not None and sorted(set(layers)) != sorted(stored_layers):
-        raise CacheError(
-            f"the dataset store {path} holds the layers {', '.join(stored_layers)}, not {', '.join(layers)}; "
-            "resume it with its layers, or use another store."
-        )
-
-
-def _check_model(attrs: dict[str, Any], path: Path, summary: dict[str, Any]) -> None:
-    if summary["model_name"] != attrs["model_name"]:
-        raise CacheError(
-            f"the dataset store {path} was made with model {attrs['model_name']!r}, not {summary['model_name']!r}; "
-            "use another store."
-        )
-    if summary["weights_fingerprint"] != attrs["weights_fingerprint"]:
-        raise CacheError(
-            f"the dataset store {path} was made with other weights of {attrs['model_name']} (fingerprint "
-            f"{attrs['weights_fingerprint']}, this model's is {summary['weights_fingerprint']}); use another store."
-        )
-    stored_layers = json.loads(attrs["layers"])
-    if sorted(set(summary["layers"])) != sorted(stored_layers):
-        raise CacheError(
-            f"the dataset store {path} holds the layers {', '.join(stored_layers)}, but this run asks for "
-            f"{', '.join(summary['layers'])}; resume it with its layers, or use another store."
-        )
-
-
-def _skipped_ids(attrs: dict[str, Any]) -> list[str]:
-    return [entry["image"] for entry in json.loads(attrs.get("skipped_images", "[]"))]
-
-
-def _check_image_set(path: Path, stored: list[str], skipped: list[str], ids: list[str]) -> None:
-    """Refuse to resume with images other than the store's (its rows plus those it skipped)."""
-    known = set(stored) | set(skipped)
-    added = [image for image in ids if image not in known]
-    missing = [image for image in stored if image not in set(ids)]
-    if added or missing:
-        details = []
-        if added:
-            details.append(f"{len(added)} not in the store ({_first_few(added)})")
-        if missing:
-            details.append(f"{len(missing)} of the store's are not given ({_first_few(missing)})")
-        raise CacheError(
-            f"the dataset store {path} was made for another image set: {' and '.join(details)}; "
-            "resume it with the same images, or use another store."
-        )
-
-
-def _first_few(names: list[str], count: int = 5) -> str:
-    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
-
-
-def _stored_images(path: Path) -> tuple[list[str], np.ndarray]:
-    """(image ids, complete flags) of the store's rows."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    ids = [str(image) for image in group["image"][:]]
-    return ids, np.asarray(group["complete"][:], dtype=bool)
-
-
-def _template(
-    summary: dict[str, Any],
-    ids: list[str],
-    convention: MaskConvention,
-    precision: str,
-    skipped: list[dict[str, str]],
-) -> xr.DataTree:
-    """The store's layout as a lazy cache: every array's shape, no data (never computed)."""
-    import dask.array
-
-    def empty(shape: tuple[int, ...], dtype: str) -> dask.array.Array:
-        return dask.array.zeros(shape, dtype=dtype, chunks=shape)
-
-    n_images, size, n_classes = len(ids), int(summary["input_size"]), len(summary["class_names"])
-    root = xr.Dataset(
-        {
-            "picture": (ROOT_VARIABLES["picture"], empty((n_images, size, size, 3), "uint8")),
-            "input": (ROOT_VARIABLES["input"], empty((n_images, 3, size, size), "float32")),
-            "logits": (ROOT_VARIABLES["logits"], empty((n_images, n_classes), "float32")),
-            "baseline_logits": (ROOT_VARIABLES["baseline_logits"], empty((n_images, n_classes), "float32")),
-            **{name: ("image", empty((n_images,), dtype)) for name, dtype in DATASET_VARIABLES.items()},
-        },
-        coords={
-            "image": np.asarray(ids, dtype=str),
-            "class": np.arange(n_classes, dtype=np.int64),
-            "class_name": ("class", np.asarray(summary["class_names"], dtype=str)),
-        },
-        attrs={
-            "schema": SCHEMA,
-            "model_name": summary["model_name"],
-            "weights_fingerprint": summary["weights_fingerprint"],
-            "preprocessing": json.dumps(summary["preprocessing"], sort_keys=True),
-            "mask_convention": convention.to_json(),
-            "dtype": precision,
-            "device": "",
-            "forward_passes": 0,
-            "seconds": 0.0,
-            "package_version": summary["package_version"],
-            "layers": json.dumps(summary["layers"]),
-            "dataset_store": DATASET_STORE,
-            "skipped_images": json.dumps(skipped),
-            "runs": "[]",
-        },
-    )
-    nodes: dict[str, xr.Dataset] = {"/": root}
-    for name, channels, height, width in summary["layer_shapes"]:
-        nodes[f"/{name}"] = xr.Dataset(
-            {
-                "activation": (LAYER_VARIABLES["activation"], empty((n_images, channels, height, width), "float32")),
-                "masked_logits": (LAYER_VARIABLES["masked_logits"], empty((n_images, channels, n_classes), "float32")),
-                "constant": (LAYER_VARIABLES["constant"], empty((n_images, channels), "bool")),
-            },
-            coords={"channel": np.arange(channels, dtype=np.int64)},
-            attrs={"layer": name},
-        )
-    return validate_cache(xr.DataTree.from_dict(nodes), check_values=False)
-
-
-def _create_store(path: Path, template: xr.DataTree) -> None:
-    """Write the store's metadata and coordinates (no data) atomically: a hidden sibling, renamed."""
-    if not path.parent.is_dir():
-        raise CacheError(f"cannot create the dataset store: the folder {path.parent} does not exist.")
-    encoding = storage_encoding(template)
-    for name in DATASET_VARIABLES:
-        encoding["/"][name] = {"chunks": (1,)}
-    temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-            # compute=False writes metadata and coordinates only: the data arrays stay empty.
-            with_storable_strings(template).to_zarr(
-                temporary, mode="w-", encoding=encoding, consolidated=False, zarr_format=3, compute=False
-            )
-        if path.exists():
-            raise CacheError(f"{path} appeared while the dataset store was being created; is another run using it?")
-        os.rename(temporary, path)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _skip_record(image: str, reason: str, source_of: dict[str, Any]) -> dict[str, str]:
-    source = source_of[image]
-    return {"image": image, "source": source if isinstance(source, str) else image, "reason": reason}
+def _run_record(run: DatasetRun, *, failed: int) -> dict[str, Any]:
+    """What the store's ``runs`` attribute records of one run."""
+    return {
+        "computed": len(run.computed),
+        "already_complete": len(run.already_complete),
+        "failed": failed,
+        "workers": run.workers,
+        "forward_passes": run.forward_passes,
+        "wall_seconds": round(run.seconds, 3),
+    }
 
 
 def _gather(client: Client, futures: list[Any], pending: list[str], run: DatasetRun, progress: bool) -> dict[str, str]:
@@ -651,51 +492,6 @@ def _gather(client: Client, futures: list[Any], pending: list[str], run: Dataset
     order = {image: index for index, image in enumerate(pending)}
     run.computed.sort(key=order.__getitem__)
     return failures
-
-
-def _finalize_store(
-    path: Path,
-    run: DatasetRun,
-    late_skipped: dict[str, str],
-    source_of: dict[str, Any],
-    *,
-    failed: int,
-) -> None:
-    """Update the root attributes: totals over complete images, devices, skipped images, runs."""
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    attrs = dict(group.attrs)
-    complete = np.asarray(group["complete"][:], dtype=bool)
-    passes = np.asarray(group["image_forward_passes"][:])
-    seconds = np.asarray(group["image_seconds"][:])
-    skipped = {entry["image"]: entry for entry in json.loads(attrs.get("skipped_images", "[]"))}
-    for image, reason in late_skipped.items():
-        skipped[image] = _skip_record(image, reason, source_of)
-    for image in run.computed:
-        skipped.pop(image, None)
-    devices = {device for device in str(attrs.get("device", "")).split(",") if device}
-    devices.update(run.devices)
-    runs = json.loads(attrs.get("runs", "[]"))
-    runs.append(
-        {
-            "computed": len(run.computed),
-            "already_complete": len(run.already_complete),
-            "failed": failed,
-            "workers": run.workers,
-            "forward_passes": run.forward_passes,
-            "wall_seconds": round(run.seconds, 3),
-        }
-    )
-    group.attrs.update(
-        {
-            "forward_passes": int(passes[complete].sum()),
-            "seconds": float(seconds[complete].sum()),
-            "device": ",".join(sorted(devices)),
-            "skipped_images": json.dumps(list(skipped.values())),
-            "runs": json.dumps(runs),
-        }
-    )
 
 
 # ---- what runs on the workers ------------------------------------------------------------
@@ -790,8 +586,13 @@ def _compute_image(
     precision: str,
     batch_size: int | None,
     device: str,
+    tune_allocator: bool = False,
 ) -> dict[str, Any]:
-    """One task: compute image ``row``'s cache and write its row of the store, then mark it complete."""
+    """One task: compute image ``row``'s cache and write its row of the store, then mark it complete.
+
+    ``tune_allocator`` is passed to ``compute_cache``: off unless asked (see
+    :func:`compute_dataset`), so a worker's freed memory goes back as its nanny expects.
+    """
     import zarr
 
     from scorecam_explorer.engine import compute_cache
@@ -820,11 +621,12 @@ def _compute_image(
                 progress=False,
                 precision=precision,
                 image_ids=[image],
+                tune_allocator=tune_allocator,
             )
         except ImageLoadError as error:
             return {"status": "skipped", "reason": str(error)}
-    _check_fits(cache, expected, group, layers)
-    _write_row(cache, store, row)
+    check_fits(cache, expected, group, layers)
+    write_row(cache, store, row)
     return {
         "status": "computed",
         "forward_passes": int(cache.attrs["forward_passes"]),
@@ -833,119 +635,3 @@ def _compute_image(
     }
 
 
-def _check_fits(cache: xr.DataTree, expected: dict[str, Any], group: Any, layers: list[str]) -> None:
-    """Refuse to write a cache whose settings or shapes differ from the store's."""
-    for name in ("model_name", "weights_fingerprint", "mask_convention", "dtype", "layers", "preprocessing"):
-        if cache.attrs[name] != expected[name]:
-            raise CacheError(
-                f"the computed cache's {name} ({cache.attrs[name]}) differs from the store's ({expected[name]})."
-            )
-    arrays = [(f"/{name}", cache[f"/{name}"].to_dataset(inherit=False)) for name in layers]
-    for path, dataset in [("/", cache.to_dataset(inherit=False)), *arrays]:
-        for variable in dataset.data_vars:
-            stored = group[f"{path.strip('/')}/{variable}" if path != "/" else variable]
-            if tuple(stored.shape[1:]) != tuple(dataset[variable].shape[1:]):
-                raise CacheError(
-                    f"{path}{variable}: the computed shape {dataset[variable].shape[1:]} differs from the "
-                    f"store's {stored.shape[1:]} (per image)."
-                )
-
-
-def _write_row(cache: xr.DataTree, store: str, row: int) -> None:
-    """Write a one-image cache into row ``row`` of every array, then ``complete[row] = True``."""
-    region = {"image": slice(row, row + 1)}
-    root = cache.to_dataset(inherit=False)
-    root = root.assign(
-        image_forward_passes=("image", np.asarray([cache.attrs["forward_passes"]], dtype=np.int64)),
-        image_seconds=("image", np.asarray([cache.attrs["seconds"]], dtype=np.float64)),
-    )
-    pieces = [("/", root)] + [(f"/{name}", cache[name].to_dataset(inherit=False)) for name in cache.children]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-        for path, dataset in pieces:
-            _region_only(dataset).to_zarr(
-                store, group=path, region=region, mode="r+", consolidated=False, zarr_format=3
-            )
-        # Last, and only after everything else is on disk: the row counts as done.
-        xr.Dataset({"complete": ("image", np.asarray([True]))}).to_zarr(
-            store, region=region, mode="r+", consolidated=False, zarr_format=3
-        )
-
-
-def _region_only(dataset: xr.Dataset) -> xr.Dataset:
-    """The data variables along ``image``, without coordinates (those are in the store already)."""
-    plain = dataset.reset_coords(drop=True)
-    return plain.drop_vars([name for name in plain.variables if name == "image" or "image" not in plain[name].dims])
-
-
-# ---- reading a dataset store -------------------------------------------------------------
-
-
-def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -> xr.DataTree:
-    """Open a dataset store (or any saved cache) lazily: every array dask-backed, one image a chunk.
-
-    ``complete_only`` keeps only the images whose row is complete (all of them in a finished
-    store; an interrupted one also has rows not yet computed, which hold NaN). Nothing but the
-    ``complete`` flags is read until you compute something.
-    """
-    source = Path(store)
-    if not source.is_dir():
-        raise CacheError(f"no dataset store at {source}: the folder does not exist.")
-    try:
-        tree = xr.open_datatree(source, engine="zarr", consolidated=False, chunks={})
-    except Exception as error:  # noqa: BLE001 - zarr/xarray raise many types for a bad store
-        raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
-    tree = validate_cache(with_plain_strings(tree), check_values=False)
-    if complete_only and "complete" in tree.dataset.data_vars:
-        done = np.flatnonzero(np.asarray(tree["complete"].values, dtype=bool))
-        if len(done) < tree.sizes["image"]:
-            tree = tree.isel(image=done)
-    return tree
-
-
-def select_image(store_or_cache: str | os.PathLike[str] | xr.DataTree, image: int | str) -> xr.DataTree:
-    """One image of a dataset store as an ordinary single-image cache, in memory.
-
-    ``image`` is a row index or an image id. The result has the schema of ``docs/cache.md``
-    (the dataset's own variables and attributes dropped; ``forward_passes`` and ``seconds``
-    are this image's), so the explorer and ``compose`` use it like any cache.
-    """
-    if isinstance(store_or_cache, xr.DataTree):
-        tree = store_or_cache
-    elif isinstance(store_or_cache, (str, os.PathLike)):
-        tree = open_dataset(store_or_cache, complete_only=False)
-    else:
-        raise CacheError(
-            f"expected a dataset store path or a cache (xarray.DataTree), not {type(store_or_cache).__name__}."
-        )
-    ids = [str(value) for value in tree["image"].values]
-    row = _image_row(ids, image)
-    if "complete" in tree.dataset.data_vars and not bool(tree["complete"].values[row]):
-        raise CacheError(
-            f"image {ids[row]!r} of this dataset store is not computed yet; rerun compute_dataset "
-            "(CLI: compute-dataset) on the store to finish it."
-        )
-    one = tree.isel(image=[row]).load()
-    root = one.to_dataset(inherit=False)
-    attrs = {name: value for name, value in root.attrs.items() if name not in DATASET_ATTRS}
-    if "image_forward_passes" in root.data_vars:
-        attrs["forward_passes"] = int(root["image_forward_passes"].values[0])
-        attrs["seconds"] = float(root["image_seconds"].values[0])
-    root = root.drop_vars([name for name in DATASET_VARIABLES if name in root.data_vars])
-    root.attrs = attrs
-    one = one.copy()
-    one.dataset = root
-    return validate_cache(one)
-
-
-def _image_row(ids: list[str], image: int | str) -> int:
-    if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
-        if not 0 <= int(image) < len(ids):
-            raise CacheError(f"image index {image} is out of range: the store holds {len(ids)} image(s).")
-        return int(image)
-    if isinstance(image, str):
-        if image in ids:
-            return ids.index(image)
-        shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
-        raise CacheError(f"no image {image!r} in this store; it holds {shown}.{did_you_mean(image, ids)}")
-    raise CacheError(f"image must be a row index or an image id, not {type(image).__name__}.")

@@ -4,7 +4,7 @@ For images X_1..X_N and each requested layer with channels A_1..A_C:
 
     logits[i]              = f(X_i)                 one unmasked pass (also records A)
     baseline_logits[i]     = f(X_i * 0)             one pass for all-zero masks
-    masked_logits[i, k, :] = f(X_i * H_ik)          one pass per non-constant channel
+    masked_logits[i, k, :] = f(X_i∘H_ik)          one pass per non-constant channel
 
 where H_ik is channel k's mask under the chosen convention. A Score-CAM map for any class,
 weighting or channel subset is then a function of these arrays alone
@@ -13,7 +13,7 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
@@ -79,11 +79,15 @@ def compute_cache(
         fold_batchnorm: run the masked passes on a copy of the model with each BatchNorm
             folded into the convolution before it (same function, float32 rounding
             differences only; see :func:`scorecam_explorer.runtime.folded_batchnorm`).
-            Not done when the model carries forward hooks, so that they see every pass.
+            Every call checks the copy against the model's output on this call's unmasked
+            input (one extra pass) and runs the model itself when they differ. Not done
+            when the model carries forward hooks, so that they see every pass. The copy is
+            kept for later calls until the model goes or
+            :func:`scorecam_explorer.release_copies` is called.
         fuse_pointwise: on a CPU in float32, also run each convolution of the folded copy
             fused with the ReLU / ReLU6 / residual addition after it (one oneDNN call, the
-            same values; see :mod:`scorecam_explorer.fusion`). Each copy is checked once
-            against the model's own output and never used if it differs.
+            same values; see :mod:`scorecam_explorer.fusion`), checked on every call as
+            the folded copy is.
         adapt_threads: on a CPU, also try the masked passes with one thread, and keep
             what was fastest for this model (torch's thread count is restored when
             compute returns). False leaves ``torch.get_num_threads()`` alone.
@@ -112,33 +116,34 @@ def compute_cache(
     fingerprint = loaded.fingerprint()
 
     threads_key = (fingerprint, str(compute_device), precision)
+    # the candidates read torch's thread count before a remembered one is set below
+    plans = runtime.candidate_plans(compute_device, batch_size, adapt_threads=adapt_threads)
+    # no faster copy for a model with forward hooks, so that they see every pass (asked
+    # before the engine's own counting hook is added)
+    use_copies = fold_batchnorm and not runtime.has_hooks(module)
     with _model_on(module, compute_device), runtime.threads_restored():
         if adapt_threads and (threads := runtime.remembered_threads(threads_key)) is not None:
             torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
-        folded = _folded_model(module, fold_batchnorm, runtime.copy_key(module, fingerprint, compute_device), channels_last)
-        fused = (
-            runtime.fused_copy(folded)
-            if fuse_pointwise and folded is not module and compute_device.type == "cpu" and precision == "float32"
-            else None
-        )
-        # faster copies first, each with what to do when it does not reproduce the model
-        copies = [
-            (candidate, reject)
-            for candidate, reject in (
-                (fused, lambda: runtime.reject_fused(folded)),
-                (folded, lambda: runtime.reject_folded(module)),
-            )
-            if candidate is not None and candidate is not module
-        ]
         with ExitStack() as counters:
-            calls = [counters.enter_context(forward_call_counter(m)) for m in (module, *(c for c, _ in copies))]
+            calls = [counters.enter_context(forward_call_counter(module))]
             activations, logits = _capture_in_chunks(module, on_device, layer_names)
             if logits.shape[1] != len(names):
                 raise ScorecamError(
                     f"the model has {logits.shape[1]} outputs but {len(names)} class names were given."
                 )
-            masked_model = _checked_copy(module, copies, on_device, logits, channels_last)
+            masked_model, check_passes = _masked_model(
+                module,
+                on_device,
+                logits,
+                fold=use_copies,
+                fuse=fuse_pointwise and compute_device.type == "cpu" and precision == "float32",
+                key=runtime.copy_key(module, fingerprint, compute_device),
+                channels_last=channels_last,
+            )
+            calls.append([check_passes])
+            if masked_model is not module:
+                calls.append(counters.enter_context(forward_call_counter(masked_model)))
             baseline = torch.cat(
                 [
                     baseline_logits(masked_model, chunk, precision=precision, channels_last=channels_last)
@@ -153,7 +158,7 @@ def compute_cache(
                 mask_convention,
                 planner_key=(fingerprint, tuple(batch.shape[1:]), str(compute_device), precision, batch_size, adapt_threads),
                 threads_key=threads_key,
-                plans=runtime.candidate_plans(compute_device, batch_size, adapt_threads=adapt_threads),
+                plans=plans,
                 precision=precision,
                 channels_last=channels_last,
                 progress=progress,
@@ -219,46 +224,85 @@ def _score_layers(
     return arrays
 
 
-def _folded_model(module: nn.Module, fold: bool, key: tuple, channels_last: bool) -> nn.Module:
-    """A BatchNorm-folded copy of the model for the masked passes, or the model itself."""
-    if not fold or runtime.has_hooks(module):
-        return module
-    return runtime.folded_batchnorm(module, key, channels_last=channels_last) or module
-
-
-def _checked_copy(
+def _masked_model(
     module: nn.Module,
-    copies: Sequence[tuple[nn.Module, Callable[[], None]]],
     inputs: torch.Tensor,
     logits: torch.Tensor,
+    *,
+    fold: bool,
+    fuse: bool,
+    key: tuple,
     channels_last: bool,
-) -> nn.Module:
-    """The first copy (fastest first) that reproduces the model's unmasked ``logits``,
-    checked once per copy (the same function for any input); else the model itself. A
-    copy that differs is rejected for good with its ``reject``."""
-    for candidate, reject in copies:
-        if runtime.copy_checked(candidate) or _same_function(candidate, inputs, logits, channels_last):
-            runtime.accept_copy(candidate)
-            return candidate
-        reject()
-    return module
+) -> tuple[nn.Module, int]:
+    """The model the masked passes run on, and the forward passes its choice took.
+
+    The fastest copy (fused, then BatchNorm-folded) that reproduces this call's unmasked
+    ``logits`` f(X) on this call's own X, else the model itself (also when ``fold`` is
+    False). Every call checks the copy it uses, one pass of the N unmasked images against
+    the hundreds of masked ones: a copy computes the function the model had when it was
+    traced, and a flag the model's forward reads (torchvision Inception3's
+    ``transform_input``) may have changed since without changing the weights or the
+    ``repr`` that key it. When a remembered copy differs, it is rebuilt from the model as
+    it is now and checked again; when a copy built on this call differs, the model runs
+    itself and ``key`` remembers that there is no copy (new weights or a new structure try
+    again).
+    """
+    passes = 0
+    for rebuild in (False, True) if fold else ():
+        remembered = runtime.remembers_copy(module, key) and not rebuild
+        folded = runtime.folded_batchnorm(module, key, channels_last=channels_last, rebuild=rebuild)
+        if folded is None:
+            break
+        copy_, made = _agreeing_copy(folded, runtime.fused_copy(folded) if fuse else None, inputs, logits, channels_last)
+        passes += made
+        if copy_ is not None:
+            return copy_, passes
+        if not remembered:
+            runtime.reject_folded(module, key)
+            break
+    return module, passes
 
 
-def _same_function(candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, channels_last: bool) -> bool:
-    """Whether ``candidate`` reproduces the unmasked ``logits`` up to float32 rounding, fed
-    as the masked passes will feed it (a copy that fails to run does not)."""
-    try:
-        with torch.inference_mode():
-            output = torch.cat(
-                [
-                    candidate(chunk.contiguous(memory_format=torch.channels_last) if channels_last else chunk).float()
-                    for chunk in inputs.split(_IMAGE_CHUNK)
-                ]
-            )
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        return False
+def _agreeing_copy(
+    folded: nn.Module, fused: nn.Module | None, inputs: torch.Tensor, logits: torch.Tensor, channels_last: bool
+) -> tuple[nn.Module | None, int]:
+    """``fused`` if it reproduces ``logits``, else ``folded`` if it does (the fused copy is
+    then dropped for good: the fusion, not the model, is at fault), else None; and the
+    forward passes the checks took."""
+    passes = 0
+    for candidate in (fused, folded):
+        if candidate is None:
+            continue
+        same, made = _same_function(candidate, inputs, logits, channels_last)
+        passes += made
+        if same:
+            if candidate is folded and fused is not None:
+                runtime.reject_fused(folded)
+            return candidate, passes
+    return None, passes
+
+
+def _same_function(
+    candidate: nn.Module, inputs: torch.Tensor, logits: torch.Tensor, channels_last: bool
+) -> tuple[bool, int]:
+    """Whether ``candidate`` reproduces the unmasked ``logits`` up to float32 rounding,
+    max |f'(X) - f(X)| <= 1e-4 max |f(X)|, fed as the masked passes will feed it (a copy
+    that fails to run does not); and the forward passes that took."""
+    outputs = []
+    with forward_call_counter(candidate) as passes:
+        try:
+            with torch.inference_mode():
+                for chunk in inputs.split(_IMAGE_CHUNK):
+                    chunk = chunk.contiguous(memory_format=torch.channels_last) if channels_last else chunk
+                    outputs.append(candidate(chunk))
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            return False, passes[0]
+    if not all(isinstance(output, torch.Tensor) for output in outputs):
+        return False, passes[0]
+    output = torch.cat(outputs).float()
     scale = float(logits.abs().max()) or 1.0
-    return output.shape == logits.shape and float((output - logits).abs().max()) <= 1e-4 * scale
+    same = output.shape == logits.shape and float((output - logits).abs().max()) <= 1e-4 * scale
+    return same, passes[0]
 
 
 def _probe_counter(model: LoadedModel | nn.Module) -> AbstractContextManager[list[int]]:

@@ -52,7 +52,7 @@ class NonFiniteError(ScorecamError, FloatingPointError):
 
 
 class UnknownMethodError(ScorecamError, KeyError):
-    """A saliency method name that is not one of :data:`scorecam_explorer.evaluation.METHODS`."""
+    """A saliency method name that no method in the registry (:mod:`scorecam_explorer.methods`) has as key or alias."""
 
     def __str__(self) -> str:
         return str(self.args[0])

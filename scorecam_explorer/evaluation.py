@@ -1,7 +1,8 @@
 """Evaluate Score-CAM and the gradient baselines with the paper's metrics over a set of images.
 
-:func:`evaluate` computes, for every method (``scorecam``, ``gradcam``, ``gradcam++``) and
-image, the map of the image's class (top-1 unless given) at one layer, and then
+:func:`evaluate` computes, for every method of the registry (:mod:`scorecam_explorer.methods`:
+``scorecam``, ``gradcam``, ``gradcam++`` and any method registered since) and image, the map
+of the image's class (top-1 unless given) at one layer, and then
 
 * Average Drop % / Increase in Confidence % (:mod:`scorecam_explorer.metrics.confidence`),
 * Deletion / Insertion AUC (:mod:`scorecam_explorer.metrics.causal`),
@@ -32,12 +33,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.errors import BoxError, ImageLoadError, ScorecamError, UnknownMethodError, did_you_mean
+from scorecam_explorer.errors import BoxError, ImageLoadError, ScorecamError, UnknownMethodError
+from scorecam_explorer.methods import LabelView, get_method, method_keys
 
-METHODS = ("scorecam", "gradcam", "gradcam++")
-METHOD_LABELS = {"scorecam": "Score-CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
-_METHOD_ALIASES = {"score-cam": "scorecam", "grad-cam": "gradcam", "gradcam_pp": "gradcam++", "gradcampp": "gradcam++",
-                   "grad-cam++": "gradcam++"}
+METHOD_LABELS: Mapping[str, str] = LabelView()
+"""A live view of the registry (:mod:`scorecam_explorer.methods`): method key -> label."""
 SCHEMA = "scorecam_explorer.evaluation/1"
 
 # (key in the summary, column title, which way is better)
@@ -50,19 +50,24 @@ COLUMNS = (
 )
 
 
-def check_methods(methods: str | Sequence[str]) -> list[str]:
-    """Method names (a list or one comma-separated string), checked, without repeats."""
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registered method keys, read when asked (methods may be added)
+        return method_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_methods(methods: str | Sequence[str] | None) -> list[str]:
+    """Method keys for names (a list or one comma-separated string; keys or aliases, any case),
+    checked against the registry, without repeats; None: every registered method."""
+    if methods is None:
+        return list(method_keys())
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = [m for m in names if m]
     if not names:
-        raise UnknownMethodError(f"no method given; choose from {', '.join(METHODS)}")
+        raise UnknownMethodError(f"no method given; choose from {', '.join(method_keys())}")
     checked: list[str] = []
     for name in names:
-        canonical = _METHOD_ALIASES.get(name.lower(), name.lower())
-        if canonical not in METHODS:
-            raise UnknownMethodError(
-                f"unknown method {name!r}; choose from {', '.join(METHODS)}.{did_you_mean(name, METHODS)}"
-            )
+        canonical = get_method(name).key
         if canonical not in checked:
             checked.append(canonical)
     return checked
@@ -70,7 +75,7 @@ def check_methods(methods: str | Sequence[str]) -> list[str]:
 
 def check_settings(
     *,
-    methods: str | Sequence[str] = METHODS,
+    methods: str | Sequence[str] | None = None,
     keep_fraction: float = 0.5,
     space: str = "input",
     step_fraction: float = 0.01,
@@ -85,8 +90,9 @@ def check_settings(
 
     Uses the metrics' own checks: 0 < keep_fraction <= 1, ``space`` one of ``SPACES``,
     0 < step_fraction <= 1, an odd blur kernel length >= 1 and sigma > 0, sanity_depth >= 1,
-    a positive batch size, and (when Score-CAM is evaluated) a known preset and mask
-    convention. Returns the checked method names (:func:`check_methods`); raises
+    a positive batch size, and (when a method that needs masked passes, Score-CAM, is
+    evaluated) a known preset and mask convention. Returns the checked method keys
+    (:func:`check_methods`; ``methods=None``: every registered method); raises
     ScorecamError (UnknownMethodError for a method) for the first bad setting.
     """
     from scorecam_explorer.baselines import check_batch_size
@@ -101,12 +107,25 @@ def check_settings(
     check_blur(blur_kernel, blur_sigma)
     check_depth(sanity_depth, "sanity_depth")
     check_batch_size(batch_size)
-    if "scorecam" in chosen:
+    if any(needs_masked_passes(method) for method in chosen):
         from scorecam_explorer.conventions import get_convention
         from scorecam_explorer.presets import get_preset
 
         get_convention(convention if convention is not None else get_preset(preset).mask_convention)
     return chosen
+
+
+def method_label(method: str) -> str:
+    """The method's label (its key when it is no longer registered)."""
+    try:
+        return get_method(method).label
+    except UnknownMethodError:
+        return method
+
+
+def needs_masked_passes(method: str) -> bool:
+    """Whether the method's maps come from a Score-CAM cache (masked forward passes)."""
+    return "masked_passes" in get_method(method).needs
 
 
 # ---- images ------------------------------------------------------------------------------
@@ -266,7 +285,7 @@ class EvaluationResult:
         summary = self.summary()
         columns = [c for c in COLUMNS if c[0] != "energy_pointing" or self.has_boxes]
         header = ["Method"] + [title for _, title, _ in columns]
-        rows = [[METHOD_LABELS[m]] + [_format(summary[m][key], key) for key, _, _ in columns] for m in self.methods]
+        rows = [[method_label(m)] + [_format(summary[m][key], key) for key, _, _ in columns] for m in self.methods]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             f"{self.protocol['model']} at layer {self.protocol['layer']}, {self.per_image.sizes['image']} image(s), "
@@ -295,7 +314,7 @@ class EvaluationResult:
             lines.append(f"Energy pointing game: {p['boxes']} image(s) with boxes.")
         else:
             lines.append("Energy pointing game: left out (no bounding boxes given; pass --boxes boxes.json).")
-        if "scorecam" in self.methods:
+        if p.get("preset") is not None:
             lines.append(f"Score-CAM preset: {p['preset']} (mask convention {p['mask_convention']}).")
         if self.fidelity is not None:
             means = json.loads(self.fidelity.attrs["mean_by_k"])
@@ -305,13 +324,13 @@ class EvaluationResult:
             rho = result["spearman"].mean("image").values
             steps = list(result.coords["randomised"].values)
             shown = ", ".join(f"{name}: {_format(value, 'r')}" for name, value in zip(steps[1:], rho[1:]))
-            lines.append(f"Sanity check ({METHOD_LABELS[method]}, mean Spearman rho, cascading from the top): {shown}.")
+            lines.append(f"Sanity check ({method_label(method)}, mean Spearman rho, cascading from the top): {shown}.")
         lines.append(
             f"Preprocessing: {json.dumps(p['preprocessing'])}; weights: {p['weights']} "
             f"(fingerprint {p['weights_fingerprint']})."
         )
         passes = ", ".join(
-            f"{METHOD_LABELS[m]} {c['forward_passes']['maps'] + c['forward_passes']['metrics']}" for m, c in self.cost.items()
+            f"{method_label(m)} {c['forward_passes']['maps'] + c['forward_passes']['metrics']}" for m, c in self.cost.items()
         )
         lines.append(f"Forward passes (maps + metrics): {passes}.")
         if self.skipped:
@@ -424,7 +443,7 @@ def evaluate(
     images: str | os.PathLike[str] | Sequence[Any] | ImageSet,
     *,
     layer: str | None = None,
-    methods: str | Sequence[str] = METHODS,
+    methods: str | Sequence[str] | None = None,
     boxes: Mapping[str, Any] | None = None,
     target: Any = None,
     max_images: int | None = None,
@@ -441,25 +460,31 @@ def evaluate(
     batch_size: int = 16,
     keep_maps: bool = False,
     log: Callable[[str], None] | None = None,
+    tune_allocator: bool = True,
 ) -> EvaluationResult:
     """Run ``methods`` x the paper's metrics over ``images`` (see the module doc).
 
     ``model``: a LoadedModel or an ``nn.Module`` (ImageNet preprocessing assumed);
-    ``images``: a folder, ``"samples"``, a list of pictures, or an :class:`ImageSet`; ``boxes``: image file name
+    ``methods``: keys or aliases of registered methods (:mod:`scorecam_explorer.methods`;
+    default: every registered one); ``images``: a folder, ``"samples"``, a list of pictures,
+    or an :class:`ImageSet`; ``boxes``: image file name
     (or id) -> [x0, y0, x1, y1] in input pixels, for the energy pointing game; ``target``:
     None (each image's top-1 class), a class index or name, or one per image. Score-CAM maps
     come from ``compute_cache`` (mask ``convention``, default: the ``preset``'s) composed
     with ``preset``; ``topk`` adds Score-CAM's top-k fidelity, ``sanity`` the cascading
     randomisation check at ``sanity_depth`` (costly for Score-CAM: a cache per step).
     ``keep_maps`` keeps every method's maps in ``result.maps``; ``log`` receives one line
-    per stage (progress).
+    per stage (progress). ``tune_allocator`` is passed to ``compute_cache`` when Score-CAM
+    runs (its map or its sanity check); the gradient methods and the metrics never change
+    the process's allocator (``docs/process-effects.md``).
 
     Every setting is checked (:func:`check_settings`) before the images load and the model
     runs, and a given ``target`` before the first forward pass.
     """
     import torch
 
-    from scorecam_explorer.baselines import GRADIENT_METHODS, model_inputs, resolve_layer, resolve_targets
+    from scorecam_explorer.baselines import model_inputs, resolve_layer, resolve_targets
+    from scorecam_explorer.capture import forward_call_counter
     from scorecam_explorer.metrics import (
         average_drop_increase,
         deletion,
@@ -471,7 +496,6 @@ def evaluate(
     from scorecam_explorer.metrics._common import logits_of
     from scorecam_explorer.metrics.localisation import as_box_list, box_mask
     from scorecam_explorer.models import as_loaded_model
-    from scorecam_explorer.runtime import tune_allocator
 
     chosen_methods = check_settings(
         methods=methods,
@@ -486,7 +510,6 @@ def evaluate(
         batch_size=batch_size,
     )
     say = log or (lambda message: None)
-    tune_allocator()  # keeps freed buffers in the process: faster batches, identical numbers
     image_set = images if isinstance(images, ImageSet) else collect_images(images, max_images)
     chosen_boxes = boxes_for(image_set, boxes)
     loaded = as_loaded_model(model)
@@ -509,8 +532,8 @@ def evaluate(
     step_info: dict[str, Any] = {}
     for method in chosen_methods:
         started = time.perf_counter()
-        say(f"{METHOD_LABELS[method]}: maps")
-        if method == "scorecam":
+        say(f"{method_label(method)}: maps")
+        if needs_masked_passes(method):  # from a cache, which also serves the top-k fidelity
             from scorecam_explorer.compose import scorecam
             from scorecam_explorer.engine import compute_cache
             from scorecam_explorer.presets import get_preset
@@ -523,27 +546,28 @@ def evaluate(
                 progress=False,
                 device="cpu" if _on_cpu(loaded.module) else "auto",
                 image_ids=batch.image_ids,
+                tune_allocator=tune_allocator,
             )
             cache_convention = json.loads(cache.attrs["mask_convention"])
             maps = scorecam(cache, layer_name, targets, preset=preset)
-            constant = np.asarray(cache[layer_name].ds["constant"].values)
-            map_passes = 2 * len(batch) + int((~constant).sum())
+            map_passes = int(cache.attrs["forward_passes"])  # model calls, as the engine counted them
             if topk:
                 fidelity = topk_fidelity(cache, layer_name, targets, preset=preset)
         else:
-            maps = GRADIENT_METHODS[method](loaded, batch.tensor, layer_name, targets, batch_size=batch_size)
-            map_passes = len(batch)  # plus one backward pass each
+            with forward_call_counter(loaded.module) as calls:
+                maps = get_method(method).compute(loaded, batch.tensor, layer_name, targets, batch_size=batch_size)
+            map_passes = calls[0]  # model calls (for a gradient method, each with one backward pass)
         map_seconds = time.perf_counter() - started
         maps = maps.assign_coords(image=batch.image_ids)
         if keep_maps:
             kept_maps[method] = maps
 
-        say(f"{METHOD_LABELS[method]}: average drop / increase")
+        say(f"{method_label(method)}: average drop / increase")
         started = time.perf_counter()
         confidence = average_drop_increase(
             loaded, batch.tensor, maps, targets, keep_fraction=keep_fraction, space=space, batch_size=batch_size
         )
-        say(f"{METHOD_LABELS[method]}: deletion / insertion")
+        say(f"{method_label(method)}: deletion / insertion")
         deleted = deletion(loaded, batch.tensor, maps, targets, step_fraction=step_fraction, batch_size=batch_size)
         inserted = insertion(
             loaded,
@@ -600,11 +624,11 @@ def evaluate(
     sanity_results: dict[str, xr.Dataset] = {}
     if sanity:
         for method in chosen_methods:
-            say(f"{METHOD_LABELS[method]}: sanity check")
+            say(f"{method_label(method)}: sanity check")
             started = time.perf_counter()
             sanity_results[method] = sanity_check(
                 loaded, batch.tensor, layer_name, targets, method=method, depth=sanity_depth, preset=preset,
-                batch_size=batch_size,
+                batch_size=batch_size, tune_allocator=tune_allocator,
             )
             cost[method]["seconds"]["sanity"] = round(time.perf_counter() - started, 3)
             cost[method]["forward_passes"]["sanity"] = int(sanity_results[method].attrs["forward_passes"])
@@ -630,7 +654,7 @@ def evaluate(
         "blur_sigma": blur_sigma,
         "auc": "trapezoid over the fraction of pixels changed",
         "boxes": len(chosen_boxes),
-        "preset": preset if "scorecam" in chosen_methods else None,
+        "preset": preset if any(needs_masked_passes(m) for m in chosen_methods) else None,
         "mask_convention": cache_convention.get("name") if cache_convention else None,
         "gradient_maps": "ReLU(sum_k w_k A_k) of the logit's gradients, bilinear (align_corners=False), min-max",
         "sanity_depth": sanity_depth if sanity else None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,12 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _residual_other(add: fx.Node, conv: fx.Node) -> fx.Node | None:
-    """For ``add = conv + other`` (or ``other + conv``) of two tensors: ``other``."""
+    """For ``add = conv + other`` (or ``other + conv``) of two tensors: ``other``.
+
+    ``other += conv`` is left alone: it writes into ``other``, which the graph may read
+    again (or an alias of it), and the fused call writes a new tensor instead.
+    ``conv += other`` writes into the convolution's own fresh output, which nothing else
+    reads (the caller checks), so it fuses like ``conv + other``."""
     if add.op != "call_function" or add.target not in (operator.add, torch.add, operator.iadd) or add.kwargs:
         return None
     if len(add.args) != 2 or not all(isinstance(arg, fx.Node) for arg in add.args):
@@ -138,23 +144,41 @@ def _residual_other(add: fx.Node, conv: fx.Node) -> fx.Node | None:
     first, second = add.args
     if first is conv and second is not conv:
         return second
-    if second is conv and first is not conv:
+    if second is conv and first is not conv and add.target is not operator.iadd:
         return first
     return None
+
+
+def _unused_name(module: nn.Module, base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``...: a name no attribute of ``module`` has yet
+    (``add_submodule`` would replace a module of that name: ``a.b`` and ``a_b`` both give
+    ``fused_a_b``, and the model may have a ``fused_x`` of its own)."""
+    name, number = base, 1
+    while hasattr(module, name):
+        number += 1
+        name = f"{base}_{number}"
+    return name
 
 
 def fuse_pointwise(graph_module: fx.GraphModule) -> fx.GraphModule | None:
     """A copy of ``graph_module`` whose plain convolutions run fused with the ReLU / ReLU6 /
     residual addition that follows them (see the module docstring); None when this torch
-    build lacks the fused operators or no convolution qualifies."""
+    build lacks the fused operators or no convolution qualifies.
+
+    Only exact ``nn.Conv2d`` modules called at one place in the graph are fused: each call
+    site gets its own fused module, and a convolution called at two places may be followed
+    by different operations at each (as BatchNorm folding, it is left as it is)."""
     if not pointwise_fusion_available():
         return None
     fused = copy.deepcopy(graph_module)
     modules = dict(fused.named_modules())
     graph = fused.graph
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_module" or not _fusable(modules.get(node.target)) or len(node.args) != 1:
+        if node.op != "call_module" or not _fusable(modules.get(node.target)) or len(node.args) != 1 or node.kwargs:
+            continue
+        if calls[node.target] > 1:  # a convolution called at several places stays as it is
             continue
         conv = modules[node.target]
         follower = _only_user(node)
@@ -174,7 +198,7 @@ def fuse_pointwise(graph_module: fx.GraphModule) -> fx.GraphModule | None:
                 absorbed.append(follower)
             else:
                 activation = ("none", ())
-        name = f"fused_{node.target.replace('.', '_')}"
+        name = _unused_name(fused, f"fused_{node.target.replace('.', '_')}")
         fused.add_submodule(name, FusedConv2d(conv, *activation))
         with graph.inserting_after(absorbed[-1] if absorbed else node):
             replacement = graph.call_module(name, (node.args[0],) if other is None else (node.args[0], other))

@@ -5,7 +5,7 @@ choices. The pipeline that applies them is written once, in :mod:`scorecam_explo
 a preset is a short class that says
 
 * ``scores``: which number per channel k it reads from the model's output f on the masked
-  input X * H_k (a logit, a logit difference, or a class probability),
+  input X∘H_k (a logit, a logit difference, or a class probability),
 * ``channel_softmax``: whether the weights are a softmax of those scores over the channels,
 * ``skip_constant``: whether channels with a constant activation get weight 0,
 * ``relu_at``: where ReLU is applied, on the weighted sum at ``"feature"`` resolution or
@@ -39,6 +39,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from scorecam_explorer.errors import ScorecamError, did_you_mean
+from scorecam_explorer.kernels import softmax as softmax_over_channels
 
 Resolution = Literal["feature", "input"]
 
@@ -47,11 +48,11 @@ class TargetScores:
     """The model outputs one target class needs, per image and channel (numpy, float64).
 
     Attributes:
-        masked_logit: (image, channel) f^c(X * H_k).
+        masked_logit: (image, channel) f^c(X∘H_k).
         logit: (image,) f^c(X), the unmasked output.
         baseline_logit: (image,) f^c(X_b), the output for the all-zero mask.
         constant: (image, channel) bool, channel k's activation was constant.
-        masked_probability: (image, channel) p^c(X * H_k) = exp(f^c - logsumexp_j f^j),
+        masked_probability: (image, channel) p^c(X∘H_k) = exp(f^c - logsumexp_j f^j),
             computed on first use (it needs the log-normaliser of every masked output).
     """
 
@@ -72,13 +73,6 @@ class TargetScores:
     @cached_property
     def masked_probability(self) -> np.ndarray:
         return np.exp(self.masked_logit - self._log_normalizer())
-
-
-def softmax_over_channels(scores: np.ndarray) -> np.ndarray:
-    """softmax_k(s)_k = exp(s_k - max s) / sum_j exp(s_j - max s) along the last axis."""
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    exponentials = np.exp(shifted)
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
 class Preset:
@@ -112,13 +106,13 @@ class Preset:
 class PaperPreset(Preset):
     r"""Wang et al. 2020, Algorithm 1.
 
-    CIC_k = f^c(X * H_k) - f^c(X_b),   alpha_k = softmax_k(CIC)_k,
+    CIC_k = f^c(X∘H_k) - f^c(X_b),   alpha_k = softmax_k(CIC)_k,
     L = ReLU(sum_k alpha_k A_k) at feature resolution, upsampled bilinearly as the masks were,
     then min-max normalised (no epsilon).
     """
 
     name = "paper"
-    score_name = "logit increase over the baseline, f^c(X*H_k) - f^c(X_b)"
+    score_name = "logit increase over the baseline, f^c(X∘H_k) - f^c(X_b)"
     align_corners = None
     mask_convention = "paper"
 
@@ -129,7 +123,7 @@ class PaperPreset(Preset):
 class OfficialPreset(Preset):
     r"""The authors' released code (haofanwang/Score-CAM, ``cam/scorecam.py``).
 
-    w_k = p^c(X * H_k) (class probability, no softmax over channels); channels whose
+    w_k = p^c(X∘H_k) (class probability, no softmax over channels); channels whose
     upsampled activation is constant are skipped (w_k = 0). The raw upsampled maps are
     combined at input resolution, L = ReLU(sum_k w_k Up(A_k)) = ReLU(Up(sum_k w_k A_k)) (Up is
     linear; bilinear, align_corners=False), then min-max normalised without epsilon (the code
@@ -137,7 +131,7 @@ class OfficialPreset(Preset):
     """
 
     name = "official"
-    score_name = "class probability of the masked input, p^c(X*H_k)"
+    score_name = "class probability of the masked input, p^c(X∘H_k)"
     channel_softmax = False
     skip_constant = True
     relu_at = "input"
@@ -150,13 +144,13 @@ class OfficialPreset(Preset):
 class PytorchGradCamPreset(Preset):
     r"""grad-cam 1.5.7 ``ScoreCAM`` (``score_cam.py`` + ``base_cam.py``).
 
-    w_k = softmax_k(f^c(X * H_k)); L = ReLU(sum_k w_k A_k) at feature resolution;
+    w_k = softmax_k(f^c(X∘H_k)); L = ReLU(sum_k w_k A_k) at feature resolution;
     ``scale_cam_image``: (L - min) / (max(L - min) + 1e-7), resized with OpenCV INTER_LINEAR
     (bilinear, align_corners=False), then min-max normalised again with eps 1e-7.
     """
 
     name = "pytorch-grad-cam"
-    score_name = "logit of the masked input, f^c(X*H_k)"
+    score_name = "logit of the masked input, f^c(X∘H_k)"
     normalize_eps = 1e-7
     mask_convention = "pytorch-grad-cam"
 
@@ -167,14 +161,14 @@ class PytorchGradCamPreset(Preset):
 class TorchcamPreset(Preset):
     r"""torchcam 0.5.0 ``ScoreCAM`` (``methods/activation.py`` + ``methods/core.py``).
 
-    w_k = softmax_k(f^c(X * H_k) - f^c(X)) (torchcam subtracts the unmasked output);
+    w_k = softmax_k(f^c(X∘H_k) - f^c(X)) (torchcam subtracts the unmasked output);
     L = ReLU(sum_k w_k A_k), min-max normalised at feature resolution with eps 1e-8, which is
     the map torchcam returns. At input resolution it is upsampled bilinearly
     (align_corners=False) and normalised again.
     """
 
     name = "torchcam"
-    score_name = "logit change from the unmasked input, f^c(X*H_k) - f^c(X)"
+    score_name = "logit change from the unmasked input, f^c(X∘H_k) - f^c(X)"
     normalize_eps = 1e-8
     mask_convention = "torchcam"
 

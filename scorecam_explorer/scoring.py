@@ -2,7 +2,7 @@
 
 For image i, layer channel k with mask H_ik (see :mod:`scorecam_explorer.conventions`):
 
-    masked_logits[i, k, :] = f(X_i * H_ik)          (all K outputs, not one class)
+    masked_logits[i, k, :] = f(X_i∘H_ik)          (all K outputs, not one class)
 
 Nothing here depends on the class or on how scores become weights, so these C forward
 passes per image are done once and cached. Masks are built for a block of channels at a
@@ -34,7 +34,7 @@ class LayerScores:
     """Masked outputs of one layer.
 
     Attributes:
-        masked_logits: f(X_i * H_ik), float32 (N, C, K), on the CPU.
+        masked_logits: f(X_i∘H_ik), float32 (N, C, K), on the CPU.
         constant: bool (N, C), True where channel k of image i was constant (not forwarded).
         forwarded: number of masked inputs actually forwarded (non-constant channels).
     """

@@ -4,7 +4,10 @@
 (same weights, same fingerprint) that fails once, mid-computation, in whichever worker process
 first claims a marker file: it raises, or it kills its process. ``FORWARD_CALLS`` counts the
 forward passes of every tiny model in this process. ``batchnorm_cnn`` is a small network with
-BatchNorm for the folding and fusion tests.
+BatchNorm for the folding and fusion tests, and ``AWKWARD_MODELS`` are small networks built to
+trip those rewrites (shared convolutions, subclasses with their own forward, a hidden flag,
+reflect padding, affine-free BatchNorm, outputs read twice, an in-place addition into an
+alias). ``normal`` and ``uniform`` draw seeded test inputs.
 """
 
 from __future__ import annotations
@@ -16,12 +19,24 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from scorecam_explorer.models import LoadedModel, from_module
 from scorecam_explorer.preprocessing import Preprocessing
 
 INPUT_SIZE = 32
 FORWARD_CALLS = 0
+
+
+def normal(*shape: int, seed: int, **options) -> torch.Tensor:
+    """``torch.randn(*shape)`` from its own seeded generator: the same values in every run,
+    whatever ran before (the global generator is neither used nor changed)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), **options)
+
+
+def uniform(*shape: int, seed: int, **options) -> torch.Tensor:
+    """``torch.rand(*shape)`` from its own seeded generator (see :func:`normal`)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), **options)
 
 
 def batchnorm_cnn(conv_type: type[nn.Conv2d] = nn.Conv2d, activation: type[nn.Module] = nn.ReLU) -> nn.Module:
@@ -40,6 +55,229 @@ def batchnorm_cnn(conv_type: type[nn.Conv2d] = nn.Conv2d, activation: type[nn.Mo
             norm.weight.uniform_(0.5, 2)
             norm.bias.uniform_(-1, 1)
     return model.eval()
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm running statistics (and affine parameters, where it has them)
+    far from the identity, from a seeded generator, so that folding changes every weight."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            size = norm.num_features
+            norm.running_mean.copy_(torch.rand(size, generator=generator) * 2 - 1)
+            norm.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+            if norm.affine:
+                norm.weight.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+                norm.bias.copy_(torch.rand(size, generator=generator) * 2 - 1)
+    return model.eval()
+
+
+def _conv_bn(cin: int, cout: int, **options) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, **options), nn.BatchNorm2d(cout)]
+
+
+class _Head(nn.Module):
+    """Global average pool and a linear layer into 5 classes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+class SharedConvNet(nn.Module):
+    """One convolution called at two places, a ReLU after the first call only (BiT-style
+    weight sharing, a recurrent block): fusing each call site would give both the same
+    fused module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_norm = _conv_bn(3, 8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_norm(self.stem(x)))
+        x = torch.relu(self.shared(x))
+        x = self.norm(self.shared(x))
+        return self.head(torch.relu(x))
+
+
+class WeightStandardisedConv(nn.Conv2d):
+    """BiT / ResNetV2's convolution: W' = (W - mean) / sqrt(var + 1e-6) over each output
+    channel's weights, then conv(x, W') + b. Folding a BatchNorm into W would be undone by
+    the standardisation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.pad(x), self.standardised(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def standardised(self) -> torch.Tensor:
+        mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = self.weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        return (self.weight - mean) / torch.sqrt(var + 1e-6)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class StandardisedSamePaddingConv(WeightStandardisedConv):
+    """Weight standardisation with TensorFlow "same" padding in a ``static_padding`` child,
+    as the EfficientNet ports pad (but not their plain convolution)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+        self.static_padding = nn.ZeroPad2d((1, 1, 1, 1))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.static_padding(x)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: BatchNorm then ReLU in one module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class ShiftedReLU(nn.ReLU):
+    """max(x - 0.25, 0): a ReLU subclass with its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x - 0.25)
+
+
+class SubclassNet(nn.Module):
+    """Convolution, BatchNorm and ReLU subclasses with their own forward, each next to a
+    plain module that a rewrite would pair it with: a weight-standardised convolution
+    before a BatchNorm, one with "same" padding in a child module, a BatchNorm with a ReLU
+    inside after a plain convolution, and a shifted ReLU after a plain pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = WeightStandardisedConv(3, 8, 3, padding=1)
+        self.stem_norm = nn.BatchNorm2d(8)
+        self.same = StandardisedSamePaddingConv(8, 8, 3)
+        self.same_norm = nn.BatchNorm2d(8)
+        self.plain = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm_act = BatchNormAct(8)
+        self.last, self.last_norm = _conv_bn(8, 8)
+        self.shifted = ShiftedReLU()
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_norm(self.stem(x)))
+        x = torch.relu(self.same_norm(self.same(x)))
+        x = self.norm_act(self.plain(x))
+        return self.head(self.shifted(self.last_norm(self.last(x))))
+
+
+class HiddenFlagNet(nn.Module):
+    """A forward that reads a flag ``repr`` does not show, as torchvision Inception3 and
+    GoogLeNet read ``transform_input``: the input is re-normalised when it is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transform_input = True
+        self.conv1, self.norm1 = _conv_bn(3, 8)
+        self.conv2, self.norm2 = _conv_bn(8, 8)
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform_input:
+            x = torch.cat([x[:, :1] * 0.458 - 0.03, x[:, 1:2] * 0.448 - 0.088, x[:, 2:] * 0.45 - 0.188], 1)
+        x = torch.relu(self.norm1(self.conv1(x)))
+        return self.head(torch.relu(self.norm2(self.conv2(x))))
+
+
+class ReflectPaddingNet(nn.Module):
+    """Convolutions with reflect and replicate padding (the fused operators pad with zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = _conv_bn(3, 8, padding_mode="reflect")
+        self.conv2, self.norm2 = _conv_bn(8, 8, padding_mode="replicate")
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        return self.head(F.relu6(self.norm2(self.conv2(x))))
+
+
+class AffineFreeNet(nn.Module):
+    """BatchNorm without affine parameters (g = 1, beta = 0), and a convolution without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(8, affine=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(8, affine=False, eps=0.1)
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        return self.head(torch.relu(self.norm2(self.conv2(x))))
+
+
+class ReadTwiceNet(nn.Module):
+    """Outputs read twice: a convolution's output by its BatchNorm and by the head, a
+    BatchNorm's output by a ReLU and an addition, a folded convolution-BatchNorm's output by
+    a ReLU and the head (neither in place nor fused), a residual sum by a ReLU and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = _conv_bn(3, 8)
+        self.conv2, self.norm2 = _conv_bn(8, 8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = _Head(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        z = self.norm1(y)
+        a = torch.relu(z) + z
+        b = self.norm2(self.conv2(a))
+        c = nn.functional.relu(b)
+        s = self.conv3(c) + a
+        return self.head(torch.cat([torch.relu(s), s, b, y], 1))
+
+
+class AliasedAdditionNet(nn.Module):
+    """``out = skip; out += conv(skip)`` then reads ``skip``: the addition writes into
+    ``skip`` as well. ``torch.fx`` traces ``+=`` on a traced value as ``+``, so a traced
+    copy computes another function; only the check of the copy against the model sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = _conv_bn(3, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = _Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.norm1(self.conv1(x)))
+        out = skip
+        out += self.conv2(skip)  # writes into skip too
+        return self.head(torch.cat([out, skip], 1))
+
+
+AWKWARD_MODELS: dict[str, type[nn.Module]] = {
+    "shared convolution": SharedConvNet,
+    "subclasses": SubclassNet,
+    "hidden flag": HiddenFlagNet,
+    "reflect padding": ReflectPaddingNet,
+    "affine-free batchnorm": AffineFreeNet,
+    "outputs read twice": ReadTwiceNet,
+    "addition into an alias": AliasedAdditionNet,
+}
+"""Name -> class of each awkward model (3 x H x W inputs -> 5 classes)."""
+
+
+def awkward_model(name: str) -> nn.Module:
+    """The awkward model ``name`` with weights and BatchNorm statistics from seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return randomise_batchnorm(AWKWARD_MODELS[name]())
 
 
 class TinyCNN(nn.Module):

@@ -10,6 +10,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from _tiny_models import normal, uniform
 
 from scorecam_explorer.baselines import gradcam, gradcam_pp, gradcam_pp_weights, gradcam_weights
 from scorecam_explorer.errors import ScorecamError, UnknownClassError, UnknownLayerError
@@ -121,7 +122,7 @@ def test_class_names_and_per_image_targets(tiny_cnn):
 
     names = [f"thing{i}" for i in range(10)]
     model = from_module(tiny_cnn, class_names=names, input_size=32)
-    inputs = torch.randn(2, 3, 32, 32)
+    inputs = normal(2, 3, 32, 32, seed=0)
     by_name = gradcam(model, inputs, "features.3", ["thing2", "THING5"])
     by_index = gradcam(tiny_cnn, inputs, "features.3", [2, 5])
     np.testing.assert_array_equal(by_name.values, by_index.values)
@@ -153,7 +154,7 @@ def test_model_state_is_restored_and_no_gradients_are_left(tiny_cnn):
     tiny_cnn.train()
     tiny_cnn.features[0].weight.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in tiny_cnn.named_parameters()}
-    inputs = torch.randn(2, 3, 32, 32)
+    inputs = normal(2, 3, 32, 32, seed=1)
     result = gradcam_pp(tiny_cnn, inputs, "features.3", 4)
     assert tiny_cnn.training and all(m.training for m in tiny_cnn.modules())
     assert {name: p.requires_grad for name, p in tiny_cnn.named_parameters()} == flags
@@ -178,17 +179,19 @@ class Exploding(nn.Module):
 def test_hooks_removed_and_state_restored_after_an_exception():
     model = Exploding().train()
     with pytest.raises(RuntimeError, match="boom"):
-        gradcam(model, torch.randn(1, 3, 8, 8), "conv", 0)
+        gradcam(model, normal(1, 3, 8, 8, seed=2), "conv", 0)
     assert total_hooks(model) == 0
     assert model.training
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_batches_give_the_same_maps(resnet):
-    inputs = torch.randn(5, 3, 48, 48)
+    inputs = normal(5, 3, 48, 48, seed=3)
     whole = gradcam(resnet, inputs, "layer3", 1, batch_size=16)
     pieces = gradcam(resnet, inputs, "layer3", 1, batch_size=2)
-    np.testing.assert_allclose(whole.values, pieces.values, atol=1e-6)
+    # other batch sizes reorder float32 sums (oneDNN picks kernels by shape); min-max scaling to [0, 1]
+    # magnifies that rounding (1e-6 seen), which stays far below 1e-4
+    np.testing.assert_allclose(whole.values, pieces.values, atol=1e-4)
 
 
 class SharedActivation(nn.Module):
@@ -204,23 +207,23 @@ class SharedActivation(nn.Module):
 
 
 def test_bad_layers_are_clear_errors(tiny_cnn):
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=4)
     with pytest.raises(UnknownLayerError, match="features.3"):
         gradcam(tiny_cnn, inputs, "features.33")
     with pytest.raises(UnknownLayerError, match="4-D"):
         gradcam(tiny_cnn, inputs, "classifier", 0)
     shared = SharedActivation()
     with pytest.raises(UnknownLayerError, match="2 times"):
-        gradcam(shared, torch.randn(1, 3, 8, 8), "act", 0)
+        gradcam(shared, normal(1, 3, 8, 8, seed=5), "act", 0)
     assert total_hooks(shared) == 0
     with pytest.raises(ScorecamError, match=r"\(N, 3, H, W\)"):
-        gradcam(tiny_cnn, torch.randn(1, 1, 32, 32), "features.3", 0)
+        gradcam(tiny_cnn, normal(1, 1, 32, 32, seed=6), "features.3", 0)
 
 
 def test_default_layer_for_a_bare_module(tiny_cnn):
     from scorecam_explorer.models import from_module
 
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=7)
     default = from_module(tiny_cnn, input_size=32).default_layer
     result = gradcam(tiny_cnn, inputs, target=0)
     assert result.attrs["layer"] == default
@@ -234,7 +237,7 @@ def test_all_negative_evidence_gives_a_zero_map_not_nan():
         model[0].weight.fill_(0.1)
         model[0].bias.fill_(1.0)
         model[4].weight.copy_(torch.tensor([[-1.0], [1.0]]))
-    result = gradcam(model, torch.rand(1, 3, 8, 8), "1", 0)
+    result = gradcam(model, uniform(1, 3, 8, 8, seed=8), "1", 0)
     assert np.isfinite(result.values).all()
     assert float(abs(result).max()) == 0.0
 
@@ -271,7 +274,7 @@ def test_class_names_follow_the_rules_of_compose(tiny_cnn):
     with pytest.raises(UnknownClassError, match="Did you mean: tabby"):
         resolve_targets("tabbyy", logits, names)
     model = from_module(tiny_cnn, class_names=[f"thing{i}" for i in range(8)] + ["Twin", "twin"], input_size=32)
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=9)
     with pytest.raises(UnknownClassError, match="ambiguous: classes 8, 9"):
         gradcam(model, inputs, "features.3", "twin")
     np.testing.assert_array_equal(
@@ -298,10 +301,10 @@ class UnusedBranch(nn.Module):
 def test_a_layer_that_does_not_feed_the_output_is_a_clear_error(method):
     model = UnusedBranch().train()
     with pytest.raises(UnknownLayerError, match="output does not depend on layer 'aux'"):
-        method(model, torch.randn(2, 3, 8, 8), "aux", 0)
+        method(model, normal(2, 3, 8, 8, seed=10), "aux", 0)
     assert total_hooks(model) == 0
     assert model.training and all(p.requires_grad for p in model.parameters())
-    assert method(model, torch.randn(2, 3, 8, 8), "a", 0).shape == (2, 8, 8)  # the used layer works
+    assert method(model, normal(2, 3, 8, 8, seed=11), "a", 0).shape == (2, 8, 8)  # the used layer works
 
 
 @pytest.mark.parametrize("method", [gradcam, gradcam_pp], ids=["gradcam", "gradcam++"])
@@ -310,6 +313,6 @@ def test_batch_size_must_be_a_positive_integer(tiny_cnn, method, batch_size):
     calls = []
     tiny_cnn.register_forward_pre_hook(lambda *args: calls.append(1))
     with pytest.raises(ScorecamError, match="batch_size must be a positive integer"):
-        method(tiny_cnn, torch.randn(2, 3, 32, 32), "features.3", 0, batch_size=batch_size)
+        method(tiny_cnn, normal(2, 3, 32, 32, seed=12), "features.3", 0, batch_size=batch_size)
     assert not calls
-    assert method(tiny_cnn, torch.randn(3, 3, 32, 32), "features.3", 0, batch_size=np.int64(2)).shape == (3, 32, 32)
+    assert method(tiny_cnn, normal(3, 3, 32, 32, seed=13), "features.3", 0, batch_size=np.int64(2)).shape == (3, 32, 32)

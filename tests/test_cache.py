@@ -67,6 +67,36 @@ def test_round_trip_is_identical(computed, tmp_path):
     np.testing.assert_allclose(scorecam(lazy, "1", 2).values, scorecam(tree, "1", 2).values)
 
 
+def test_composing_one_image_of_a_lazy_store_reads_only_that_image(computed, tmp_path):
+    """The other image's layer chunks are made unreadable on disk: a call for image 0 that
+    read them (images x channels x classes masked outputs) would fail."""
+    from scorecam_explorer.compose import channel_contributions, channel_weights, top_channels_by_variance
+
+    _, tree = computed
+    path = save_cache(tree, tmp_path / "c.zarr")
+    damaged = [chunk for layer in ("1", "3") for chunk in (path / layer).glob("*/c/1/**/*") if chunk.is_file()]
+    assert damaged
+    for chunk in damaged:
+        chunk.write_bytes(b"unreadable")
+    lazy = load_cache(path, lazy=True)
+    for layer in ("1", "3"):
+        np.testing.assert_array_equal(
+            scorecam(lazy, layer, 2, image=0).values, scorecam(tree, layer, 2, image=0).values
+        )
+        np.testing.assert_array_equal(
+            channel_weights(lazy, layer, None, image="a.png").values, channel_weights(tree, layer, None, image=0).values
+        )
+        xr.testing.assert_identical(
+            channel_contributions(lazy, layer, 1, image=0, preset="torchcam"),
+            channel_contributions(tree, layer, 1, image=0, preset="torchcam"),
+        )
+        xr.testing.assert_identical(
+            top_channels_by_variance(lazy, layer, 3, image=0), top_channels_by_variance(tree, layer, 3, image=0)
+        )
+    with pytest.raises(Exception):  # noqa: B017 - the damage is real: reading image 1 fails
+        scorecam(lazy, "1", 2, image=1)
+
+
 def test_store_is_chunked_per_image_and_channel_block_and_compressed(computed, tmp_path):
     _, tree = computed
     path = save_cache(tree, tmp_path / "c.zarr")

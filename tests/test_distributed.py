@@ -37,7 +37,10 @@ from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError
 from scorecam_explorer.models import DEFAULT_MODEL
 
-distributed = pytest.importorskip("distributed")
+try:  # the test extra installs dask[distributed]: a missing one is a broken setup, not a skip
+    import distributed
+except ImportError as error:
+    raise ImportError(f"{error}: the cluster tests need dask[distributed]; install the test extra.") from error
 
 LAYERS = ["features.2", "features"]
 BATCH = 8
@@ -120,6 +123,16 @@ def test_store_equals_single_process_caches(computed_store, references, image_id
     assert attrs["forward_passes"] == run.forward_passes == sum(r.attrs["forward_passes"] for r in references.values())
     assert attrs["device"] == "cpu"
     assert json.loads(attrs["layers"]) == LAYERS
+
+
+def test_workers_leave_the_allocator_to_their_nanny(client, computed_store) -> None:
+    """A nanny sets MALLOC_TRIM_THRESHOLD_ so that freed memory goes back to the system;
+    compute_dataset must not override it (mallopt) in the workers unless asked."""
+    from scorecam_explorer import runtime
+
+    _store, run = computed_store
+    assert run.computed  # the workers did compute
+    assert not any(client.run(runtime.allocator_tuned).values())
 
 
 def test_select_image_gives_the_single_image_cache(computed_store, references, image_ids) -> None:
@@ -326,6 +339,8 @@ def test_bad_paths_and_factories_are_refused_before_any_work(image_folder, tmp_p
         compute_dataset(tiny_model, image_folder, LAYERS, single)
     with pytest.raises(ScorecamError, match="precision"):
         compute_dataset(tiny_model, image_folder, LAYERS, tmp_path / "a.zarr", precision="float16")
+    with pytest.raises(ScorecamError, match="tune_allocator"):
+        compute_dataset(tiny_model, image_folder, LAYERS, tmp_path / "a.zarr", tune_allocator="yes")
 
 
 def test_a_worker_whose_factory_builds_other_weights_refuses_to_write(computed_store, image_folder, image_ids) -> None:

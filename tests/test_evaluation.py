@@ -147,6 +147,42 @@ def test_sanity_in_evaluate(tiny_model, picture_folder):
     assert result.to_json()["sanity"]["gradcam"]["randomised"][1] == "classifier"
 
 
+def test_the_allocator_is_tuned_only_where_score_cam_runs(tiny_model, picture_folder, monkeypatch):
+    """mallopt is process-wide and cannot be undone: Grad-CAM and the metrics never call it;
+    Score-CAM does through compute_cache, unless tune_allocator=False."""
+    from scorecam_explorer import runtime
+
+    calls: list[int] = []
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
+    evaluate(tiny_model, picture_folder, methods="gradcam,gradcam++", step_fraction=0.5, sanity=True, max_images=1)
+    assert calls == []
+    evaluate(tiny_model, picture_folder, methods="scorecam", step_fraction=0.5, max_images=1, tune_allocator=False)
+    assert calls == []
+    evaluate(tiny_model, picture_folder, methods="scorecam", step_fraction=0.5, max_images=1, topk=False)
+    assert calls
+
+
+def test_map_costs_are_the_model_calls_made(tiny_model, picture_folder, monkeypatch):
+    """Score-CAM's map cost is what its cache recorded; Grad-CAM's, its forward calls."""
+    from scorecam_explorer import engine
+
+    recorded: list[int] = []
+    compute_cache = engine.compute_cache
+
+    def recording(*args, **kwargs):
+        cache = compute_cache(*args, **kwargs)
+        recorded.append(int(cache.attrs["forward_passes"]))
+        return cache
+
+    monkeypatch.setattr(engine, "compute_cache", recording)
+    result = evaluate(
+        tiny_model, picture_folder, methods="scorecam,gradcam", step_fraction=0.5, topk=False, batch_size=2
+    )
+    assert len(recorded) == 1
+    assert result.cost["scorecam"]["forward_passes"]["maps"] == recorded[0]
+    assert result.cost["gradcam"]["forward_passes"]["maps"] == 2  # 3 images in batches of 2
+
+
 # ---- the command -------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import xarray as xr
 from scipy import stats
 from scipy.ndimage import gaussian_filter
 from torch import nn
+from _tiny_models import normal
 
 from scorecam_explorer.baselines import gradcam, gradcam_pp
 from scorecam_explorer.errors import NonFiniteError, ScorecamError, UnknownLayerError
@@ -128,12 +129,13 @@ def test_average_drop_matches_pytorch_grad_cam_confidence_change(tiny_cnn):
         inputs, maps.values, [ClassifierOutputSoftmaxTarget(t) for t in targets], tiny_cnn
     ).ravel()
     y = result["probability"].values
-    np.testing.assert_allclose(result["explanation_probability"].values - y, change, atol=1e-6)
+    # probabilities from other batches than pytorch-grad-cam's: float32 rounding of reordered sums
+    np.testing.assert_allclose(result["explanation_probability"].values - y, change, atol=1e-5)
     np.testing.assert_allclose(result["drop"].values, 100 * np.maximum(0, -change) / y, atol=1e-3)
 
 
 def test_map_shape_mismatch_and_nan_are_clear_errors(tiny_cnn):
-    inputs = torch.randn(2, 3, 32, 32)
+    inputs = normal(2, 3, 32, 32, seed=0)
     with pytest.raises(ScorecamError, match="do not match"):
         average_drop_increase(tiny_cnn, inputs, np.zeros((2, 8, 8)))
     bad = np.zeros((2, 32, 32))
@@ -154,7 +156,7 @@ def test_blur_kernel_is_rises_gkern():
     kernel = torch.zeros(3, 3, 11, 11)
     for c in range(3):
         kernel[c, c] = torch.from_numpy(gaussian_filter(impulse, 5)).float()
-    x = torch.randn(2, 3, 20, 24)
+    x = normal(2, 3, 20, 24, seed=1)
     np.testing.assert_allclose(
         rise_blur(x).numpy(), torch.nn.functional.conv2d(x, kernel, padding=5).numpy(), atol=1e-5
     )
@@ -212,8 +214,9 @@ def test_deletion_insertion_match_rises_loop(tiny_cnn, mode):
     for i in range(2):
         cls = int(maps.coords["target"].values[i])
         curve, auc = rise_reference(tiny_cnn, inputs[i], maps.values[i], cls, 64, mode)
-        np.testing.assert_allclose(result["curve"].values[i], curve, atol=1e-6)
-        assert result["auc"].values[i] == pytest.approx(auc, abs=1e-6)
+        # batches of 7 against RISE's one input at a time: probabilities equal up to float32 rounding
+        np.testing.assert_allclose(result["curve"].values[i], curve, atol=1e-5)
+        assert result["auc"].values[i] == pytest.approx(auc, abs=1e-5)
     protocol = json.loads(result.attrs["protocol"])
     assert protocol["step_pixels"] == 64
     if mode == "ins":
@@ -224,14 +227,15 @@ def test_deletion_insertion_match_rises_loop(tiny_cnn, mode):
 
 
 def test_deletion_curve_ends_on_the_substrate(tiny_cnn):
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=2)
     maps = np.random.default_rng(1).uniform(size=(1, 32, 32))
     deleted, inserted = deletion_insertion(tiny_cnn, inputs, maps, 3, step_fraction=0.3)
     zero_probability = torch.softmax(tiny_cnn(torch.zeros(1, 3, 32, 32)), 1)[0, 3].item()
     full_probability = torch.softmax(tiny_cnn(inputs), 1)[0, 3].item()
-    assert deleted["curve"].values[0, 0] == pytest.approx(full_probability, abs=1e-6)
-    assert deleted["curve"].values[0, -1] == pytest.approx(zero_probability, abs=1e-6)
-    assert inserted["curve"].values[0, -1] == pytest.approx(full_probability, abs=1e-6)
+    # the curves' batches of steps against single forwards: equal up to float32 rounding
+    assert deleted["curve"].values[0, 0] == pytest.approx(full_probability, abs=1e-5)
+    assert deleted["curve"].values[0, -1] == pytest.approx(zero_probability, abs=1e-5)
+    assert inserted["curve"].values[0, -1] == pytest.approx(full_probability, abs=1e-5)
     np.testing.assert_allclose(deleted["fraction"].values, [0, 307 / 1024, 614 / 1024, 921 / 1024, 1.0])
 
 
@@ -303,7 +307,8 @@ def test_sanity_check_gradient_methods_leave_the_model_alone(tiny_cnn, method):
     again = sanity_check(tiny_cnn, inputs, "features.3", method=method, seed=1)
     assert torch.equal(state, torch.random.get_rng_state())
     np.testing.assert_allclose(again["spearman"].values, result["spearman"].values)
-    assert result.attrs["forward_passes"] == 2 * 4
+    # model calls: both images fit one batch; the targets' pass, then one call per step
+    assert result.attrs["forward_passes"] == 1 + 4
 
 
 def test_sanity_check_against_a_manual_cascade(tiny_cnn):
@@ -311,7 +316,7 @@ def test_sanity_check_against_a_manual_cascade(tiny_cnn):
 
     from scorecam_explorer.metrics.sanity import randomise_group
 
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=3)
     result = sanity_check(tiny_cnn, inputs, "features.3", 2, method="gradcam", groups=["classifier", "features.3"], seed=5)
     original = gradcam(tiny_cnn, inputs, "features.3", 2).values[0]
     manual = copy.deepcopy(tiny_cnn)
@@ -321,7 +326,7 @@ def test_sanity_check_against_a_manual_cascade(tiny_cnn):
 
 
 def test_sanity_check_bad_arguments(tiny_cnn):
-    inputs = torch.randn(1, 3, 32, 32)
+    inputs = normal(1, 3, 32, 32, seed=4)
     with pytest.raises(ScorecamError, match="unknown method"):
         sanity_check(tiny_cnn, inputs, method="gradcamm")
     with pytest.raises(ScorecamError, match="no module"):
@@ -365,7 +370,8 @@ def test_topk_fidelity_against_a_hand_computation(tiny_cache):
         full = hand_map(order)
         for column, k in enumerate([1, 3, 16]):
             expected = stats.pearsonr(hand_map(order[:k]).ravel(), full.ravel()).statistic
-            assert result.values[i, column] == pytest.approx(expected, abs=1e-6)
+            # float32 maps (BLAS sums, ordered by CPU) against float64 by hand: r to ~1e-6
+            assert result.values[i, column] == pytest.approx(expected, abs=1e-5)
     assert result.values[:, -1] == pytest.approx([1.0, 1.0])
     assert json.loads(result.attrs["mean_by_k"])["16"] == pytest.approx(1.0)
     with pytest.raises(ScorecamError, match="every k"):
@@ -398,9 +404,60 @@ def test_sanity_check_scorecam_against_a_manual_cascade(tiny_cache):
     for i in range(2):
         expected = stats.spearmanr(before[i].ravel(), after[i].ravel()).statistic
         assert result["spearman"].values[i, 1] == pytest.approx(expected, abs=1e-6)
-    constant = randomised["features.3"].ds["constant"].values
-    n_constant_before = int(cache["features.3"].ds["constant"].values.sum())
-    assert result.attrs["forward_passes"] == 2 * (2 + 2) + (32 - n_constant_before) + int((~constant).sum())
+
+
+class TopLevelCalls:
+    """Counts every top-level module call in the process (any model, any copy of it),
+    with torch's global hooks: a call made while no other module is running. Independent
+    of how the code under test counts, and invisible to it (no hook on the model itself,
+    so faster copies are still made, checked and used)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._depth = 0
+
+    def __enter__(self) -> TopLevelCalls:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [
+            register_module_forward_pre_hook(self._enter),
+            register_module_forward_hook(self._leave, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _enter(self, module, args) -> None:
+        self.calls += self._depth == 0
+        self._depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self._depth -= 1
+
+
+@pytest.mark.parametrize(
+    ("method", "model_kind", "layer", "batch_size"),
+    [("scorecam", "batchnorm", "3", 5), ("scorecam", "tiny", "features.3", 16), ("gradcam", "tiny", "features.3", 1)],
+)
+def test_sanity_check_counts_every_model_call(method, model_kind, layer, batch_size):
+    """forward_passes equals the model calls that really happened: the targets' pass, the
+    engine's probe and copy checks (a BatchNorm model gets folded copies, checked once per
+    randomised copy), unmasked, baseline and masked batches."""
+    from _tiny_models import batchnorm_cnn
+
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    model = batchnorm_cnn() if model_kind == "batchnorm" else TinyCNN().eval()
+    inputs = normal(3, 3, 16, 16, seed=8)
+    with TopLevelCalls() as counted:
+        result = sanity_check(
+            model, inputs, layer, 0, method=method, groups=[cascade_groups(model)[0]], batch_size=batch_size
+        )
+    assert counted.calls > 0
+    assert result.attrs["forward_passes"] == counted.calls
 
 
 # ---- argument checks, before any forward pass ---------------------------------------------
@@ -429,7 +486,7 @@ BAD_METRIC_ARGUMENTS = [
 @pytest.mark.parametrize(("metric", "arguments", "message"), BAD_METRIC_ARGUMENTS)
 def test_bad_metric_arguments_fail_before_any_forward_pass(tiny_cnn, metric, arguments, message):
     calls = count_forward_calls(tiny_cnn)
-    inputs = torch.randn(2, 3, 32, 32)
+    inputs = normal(2, 3, 32, 32, seed=5)
     with pytest.raises(ScorecamError, match=message):
         metric(tiny_cnn, inputs, np.full((2, 32, 32), 0.5, dtype=np.float32), 1, **arguments)
     assert not calls
@@ -446,7 +503,7 @@ def test_bad_metric_arguments_fail_before_any_forward_pass(tiny_cnn, metric, arg
 def test_bad_sanity_arguments_fail_before_any_forward_pass(tiny_cnn, arguments, message):
     calls = count_forward_calls(tiny_cnn)
     with pytest.raises(ScorecamError, match=message):
-        sanity_check(tiny_cnn, torch.randn(1, 3, 32, 32), "features.3", **arguments)
+        sanity_check(tiny_cnn, normal(1, 3, 32, 32, seed=6), "features.3", **arguments)
     assert not calls
 
 
@@ -498,7 +555,7 @@ def test_randomise_group_on_a_gpu_restores_its_generator(tiny_cnn):
     assert torch.equal(gpu_state, torch.cuda.get_rng_state())
     randomise_group(model, "features.0", seed=3)
     torch.testing.assert_close(model.features[0].weight, weights)
-    inputs = torch.randn(2, 3, 32, 32)
+    inputs = normal(2, 3, 32, 32, seed=7)
     on_gpu = sanity_check(model, inputs, "features.3", 1, method="gradcam", seed=2)
     on_cpu = sanity_check(model.cpu(), inputs, "features.3", 1, method="gradcam", seed=2)
     assert torch.equal(gpu_state, torch.cuda.get_rng_state())

@@ -132,11 +132,30 @@ def run(args: argparse.Namespace) -> int:
     attrs = cache.attrs
     print(f"model {attrs['model_name']} ({attrs['weights_fingerprint']}), {cache.sizes['image']} image(s), "
           f"convention {args.convention}, {attrs['dtype']} on {attrs['device']}")
+    masked_inputs = constant_inputs = 0
     for layer in cache_layers(cache):
         node = cache[layer]
         channels = node.sizes["channel"]
         constant = node["constant"].values.sum(axis=1)
         constant_text = ", ".join(str(int(count)) for count in constant)
         print(f"  {layer}: {channels} channels, constant per image: {constant_text}")
-    print(f"{attrs['forward_passes']} forward passes in {attrs['seconds']:.1f} s; saved to {saved}")
+        masked_inputs += channels * len(constant)
+        constant_inputs += int(constant.sum())
+    print(summary(masked_inputs, constant_inputs, int(attrs["forward_passes"]), float(attrs["seconds"]), str(saved)))
     return 0
+
+
+def summary(masked_inputs: int, constant_inputs: int, forward_passes: int, seconds: float, saved: str) -> str:
+    """The closing lines of ``compute``: why the forward passes are fewer than the channels.
+
+    A constant channel's normalised mask is all zero, so its masked input is the baseline,
+    forwarded once per image for all of them; the other masked inputs go through the model in
+    batches, so a forward pass (one model call) holds many of them.
+    """
+    return (
+        f"{masked_inputs} masked inputs (channels x images): {constant_inputs} of constant channels "
+        f"(an all-zero mask: the one baseline pass per image stands for them), "
+        f"{masked_inputs - constant_inputs} forwarded in batches\n"
+        f"{forward_passes} forward passes (model calls: the batches, plus the unmasked and baseline passes "
+        f"and checks) in {seconds:.1f} s; saved to {saved}"
+    )

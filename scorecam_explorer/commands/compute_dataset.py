@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--precision", default="float32", choices=["float32", "bfloat16"], help="compute precision (default: float32)"
     )
+    parser.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="tune glibc's malloc in each worker for the masked passes (off by default: it would override the "
+        "Dask nanny's memory trimming, see docs/process-effects.md)",
+    )
     parser.add_argument("--retries", type=int, default=2, help="retries of a failed image (default: 2)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the scheduler (default: 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         retries=args.retries,
         connect_timeout=args.timeout,
         progress=not args.no_progress,
+        tune_allocator=args.tune_allocator,
     )
     print(
         f"{len(run_result.computed)} image(s) computed, {len(run_result.already_complete)} already complete, "

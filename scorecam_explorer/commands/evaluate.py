@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
+from scorecam_explorer.methods import methods as registered_methods
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    known = registered_methods()  # the registry, as it is when the parser is built
     parser = subparsers.add_parser(
         "evaluate",
-        help="compare Score-CAM, Grad-CAM and Grad-CAM++ with Average Drop/Increase, Deletion/Insertion "
+        help=f"compare {', '.join(m.label for m in known)} with Average Drop/Increase, Deletion/Insertion "
         "and the energy pointing game",
         description="Compute each method's map of every image's top-1 class and score it with the metrics of "
         "Wang et al. 2020 (Score-CAM). Prints a table and writes every per-image value and the protocol as JSON.",
@@ -21,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", required=True, help="a folder of pictures, or 'samples' for the bundled photos")
     parser.add_argument("--layer", default=None, help="layer to explain (default: the model's default layer)")
     parser.add_argument(
-        "--methods", default="scorecam,gradcam,gradcam++", help="comma-separated: scorecam, gradcam, gradcam++"
+        "--methods",
+        default=None,
+        help=f"comma-separated, from: {', '.join(m.key for m in known)} (default: all of them)",
     )
     parser.add_argument("--max-images", type=int, default=None, help="evaluate at most N images (first by name)")
     parser.add_argument("--out", required=True, help="JSON file for the results (written atomically)")

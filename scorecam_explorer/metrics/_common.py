@@ -23,6 +23,7 @@ from scorecam_explorer.baselines import (
     module_of,
     resolve_targets,
 )
+from scorecam_explorer.kernels import pearson  # the one rule (NaN for a constant map), shared with the explorer
 from scorecam_explorer.errors import NonFiniteError, ScorecamError
 from scorecam_explorer.inputs import InputBatch
 
@@ -121,16 +122,6 @@ def rank_data(values: np.ndarray) -> np.ndarray:
     ranks = np.empty(values.size, dtype=np.float64)
     ranks[order] = average_rank[run_id]
     return ranks
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r = cov(a, b) / (sd(a) sd(b)); NaN when either is constant."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

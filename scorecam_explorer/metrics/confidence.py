@@ -16,7 +16,7 @@ row-major order.
 Where the product is taken changes the numbers (Zhang et al., Opti-CAM, 2024), so it is a
 parameter recorded with every result:
 
-* ``space="input"`` (default): E = X o M on the normalised model input; a removed pixel is
+* ``space="input"`` (default): E = X∘M on the normalised model input; a removed pixel is
   the normalisation mean colour, the same "masked out" as Score-CAM's own masks.
 * ``space="pixels"``: E = norm(P o M) with P = X * std + mean the [0, 1] pixels; a removed
   pixel is black. Needs the model's preprocessing (a LoadedModel).
@@ -86,7 +86,7 @@ def explanation_inputs(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """E = X o M (``space="input"``) or E = ((X std + mean) o M - mean) / std (``"pixels"``)."""
+    """E = X∘M (``space="input"``) or E = ((X std + mean)∘M - mean) / std (``"pixels"``)."""
     if space == "input":
         return inputs * masks[:, None]
     if space == "pixels":
@@ -153,7 +153,7 @@ def average_drop_increase(
         "score": "softmax probability of the target class",
         "keep_fraction": keep_fraction,
         "space": space,
-        "explanation_input": "X * M" if space == "input" else "normalise((X * std + mean) * M)",
+        "explanation_input": "X∘M" if space == "input" else "normalise((X * std + mean)∘M)",
     }
     return xr.Dataset(
         {

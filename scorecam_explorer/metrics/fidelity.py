@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from scorecam_explorer.baselines import TargetLike
+from scorecam_explorer.cache import cache_layers
 from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
 from scorecam_explorer.metrics._common import pearson, protocol_attrs
 
@@ -38,7 +39,7 @@ def default_ks(n_channels: int) -> list[int]:
 
 def cache_layer(cache: xr.DataTree, layer: str | None) -> str:
     """``layer`` if the cache holds it; None picks the cache's only (or deepest) layer."""
-    layers = json.loads(cache.attrs.get("layers", "[]")) or [name for name in cache.children]
+    layers = cache_layers(cache)
     if layer is None:
         if not layers:
             raise UnknownLayerError("the cache holds no layer")

@@ -20,8 +20,16 @@ with ``seed + step`` and restored afterwards, so the caller's random state is le
 parameters of modules without ``reset_parameters`` are drawn from N(0, std of the original
 values). The user's model is never modified: the cascade runs on a deep copy.
 
-Cost per step: Grad-CAM / Grad-CAM++ one forward and one backward pass per image; Score-CAM
-a whole cache (N unmasked + N baseline + one pass per non-constant channel and image).
+Methods come from the registry (:mod:`scorecam_explorer.methods`): one that needs masked
+passes (Score-CAM) is computed through a cache, any other with its ``compute`` function.
+
+Cost per step: Grad-CAM / Grad-CAM++ one forward and one backward pass per batch of images;
+Score-CAM a whole cache (unmasked, baseline and masked batches, plus the engine's check of
+each faster copy of the freshly randomised model). The result's ``forward_passes`` counts
+model calls as they happen (a call holds up to ``batch_size`` inputs): the pass that resolves
+the targets (and the probe that finds a plain module's default layer), then per step the
+calls the engine records in each cache (``forward_passes``, ``docs/cache.md``) or the
+gradient method's forward calls. It is measured, never derived from a formula.
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ from torch import nn
 
 from scorecam_explorer.baselines import (
     DEFAULT_BATCH_SIZE,
-    GRADIENT_METHODS,
     ModelLike,
     TargetLike,
     check_batch_size,
@@ -46,10 +53,16 @@ from scorecam_explorer.baselines import (
     module_of,
     resolve_layer,
 )
+from scorecam_explorer.capture import forward_call_counter
 from scorecam_explorer.errors import ScorecamError, did_you_mean
+from scorecam_explorer.methods import get_method, method_keys
 from scorecam_explorer.metrics._common import logits_of, protocol_attrs, spearman, targets_for
 
-SANITY_METHODS = ("scorecam", "gradcam", "gradcam++")
+
+def __getattr__(name: str) -> Any:
+    if name == "SANITY_METHODS":  # every registered method, read when asked (methods may be added)
+        return method_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_depth(depth: int, name: str = "depth") -> int:
@@ -60,12 +73,13 @@ def check_depth(depth: int, name: str = "depth") -> int:
 
 
 def check_method(method: str) -> str:
-    """``method`` unchanged; ScorecamError unless it is one of :data:`SANITY_METHODS`."""
-    if method not in SANITY_METHODS:
-        raise ScorecamError(
-            f"unknown method {method!r}; choose one of {', '.join(SANITY_METHODS)}.{did_you_mean(method, SANITY_METHODS)}"
-        )
-    return method
+    """The registered key of ``method`` (a key or an alias, any case); UnknownMethodError
+    (a ScorecamError) for a name the registry (:mod:`scorecam_explorer.methods`) lacks."""
+    return get_method(method).key
+
+
+def _needs_masked_passes(method: str) -> bool:
+    return "masked_passes" in get_method(method).needs
 
 
 def cascade_groups(module: nn.Module, depth: int = 2) -> list[str]:
@@ -127,8 +141,9 @@ def randomise_group(module: nn.Module, group: str, seed: int) -> int:
 
 def _scorecam_maps(
     module: nn.Module, inputs: torch.Tensor, image_ids: list[str], layer: str, targets: list[int], preset: str,
-    batch_size: int | None, model: ModelLike,
+    batch_size: int | None, model: ModelLike, tune_allocator: bool = True,
 ) -> tuple[np.ndarray, int]:
+    """Score-CAM maps (image, y, x) and the model calls the engine recorded for them."""
     from scorecam_explorer.compose import scorecam
     from scorecam_explorer.engine import compute_cache
 
@@ -141,11 +156,10 @@ def _scorecam_maps(
         device="cpu" if module_device_is_cpu(module) else "auto",
         preprocessing=getattr(model, "preprocessing", None),
         image_ids=image_ids,
+        tune_allocator=tune_allocator,
     )
     maps = scorecam(cache, layer, targets, preset=preset).values
-    constant = np.asarray(cache[layer].ds["constant"].values)
-    passes = 2 * len(targets) + int((~constant).sum())
-    return maps, passes
+    return maps, int(cache.attrs["forward_passes"])
 
 
 def module_device_is_cpu(module: nn.Module) -> bool:
@@ -155,12 +169,14 @@ def module_device_is_cpu(module: nn.Module) -> bool:
 
 def _maps_for(
     method: str, module: nn.Module, inputs: torch.Tensor, image_ids: list[str], layer: str,
-    targets: list[int], preset: str, batch_size: int, model: ModelLike,
+    targets: list[int], preset: str, batch_size: int, model: ModelLike, tune_allocator: bool = True,
 ) -> tuple[np.ndarray, int]:
-    if method == "scorecam":
-        return _scorecam_maps(module, inputs, image_ids, layer, targets, preset, batch_size, model)
-    maps = GRADIENT_METHODS[method](module, inputs, layer, targets, batch_size=batch_size)
-    return maps.values, len(targets)
+    """The method's maps (image, y, x) and the model calls made to compute them."""
+    if _needs_masked_passes(method):
+        return _scorecam_maps(module, inputs, image_ids, layer, targets, preset, batch_size, model, tune_allocator)
+    with forward_call_counter(module) as calls:
+        maps = get_method(method).compute(module, inputs, layer, targets, batch_size=batch_size)
+    return maps.values, calls[0]
 
 
 def sanity_check(
@@ -176,31 +192,35 @@ def sanity_check(
     preset: str = "paper",
     batch_size: int = DEFAULT_BATCH_SIZE,
     keep_maps: bool = False,
+    tune_allocator: bool = True,
 ) -> xr.Dataset:
     """Cascading randomisation: Spearman rho between the original and each randomised map.
 
-    ``method``: ``scorecam`` (``compute_cache`` + ``compose.scorecam`` with ``preset``),
-    ``gradcam`` or ``gradcam++``. ``groups``: the cascade, top first (default
+    ``method``: a registered method's key or alias (:mod:`scorecam_explorer.methods`):
+    ``scorecam`` (``compute_cache`` + ``compose.scorecam`` with ``preset``), ``gradcam``,
+    ``gradcam++`` or any method registered since. ``groups``: the cascade, top first (default
     :func:`cascade_groups` at ``depth``). ``target`` is resolved once on the original model
     (default: each image's top-1 class) and kept for every step.
 
     Returns a Dataset with ``spearman`` (image, step) (step 0: the original model, rho = 1),
     ``constant_map`` (image, step: the map was all zero, rho undefined = NaN), coordinate
     ``randomised`` (step: the group made random at that step), attributes ``method``,
-    ``layer``, ``forward_passes``, ``protocol``; with ``keep_maps`` also ``maps``
-    (step, image, y, x).
+    ``layer``, ``forward_passes`` (model calls made, measured: see the module doc),
+    ``protocol``; with ``keep_maps`` also ``maps`` (step, image, y, x).
+    ``tune_allocator`` is passed to ``compute_cache`` (Score-CAM only).
     """
-    check_method(method)
+    method = check_method(method)
     depth = check_depth(depth)
     batch_size = check_batch_size(batch_size)
-    if method == "scorecam":
+    if _needs_masked_passes(method):
         from scorecam_explorer.presets import get_preset
 
         get_preset(preset)
     batch = model_inputs(model, inputs)
     original_module = module_of(model)
-    layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
-    logits = logits_of(original_module, batch.tensor, batch_size)
+    with forward_call_counter(original_module) as target_calls:  # the layer probe and f(X) for the targets
+        layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
+        logits = logits_of(original_module, batch.tensor, batch_size)
     targets = targets_for(model, None, target, logits)
     available = cascade_groups(original_module, depth)
     cascade = list(groups) if groups is not None else available
@@ -210,7 +230,10 @@ def sanity_check(
             raise ScorecamError(f"the model has no module {group!r} to randomise.{did_you_mean(group, available)}")
 
     work = copy.deepcopy(original_module).eval()  # the user's model stays as it is
-    maps, passes = _maps_for(method, work, batch.tensor, batch.image_ids, layer_name, targets, preset, batch_size, model)
+    maps, passes = _maps_for(
+        method, work, batch.tensor, batch.image_ids, layer_name, targets, preset, batch_size, model, tune_allocator
+    )
+    passes += target_calls[0]
     original_flat = maps.reshape(maps.shape[0], -1)
     all_maps = [maps] if keep_maps else []
     rho = np.empty((len(batch), len(cascade) + 1))
@@ -220,7 +243,7 @@ def sanity_check(
     for step, group in enumerate(cascade, start=1):
         randomise_group(work, group, seed + step)
         maps, step_passes = _maps_for(
-            method, work, batch.tensor, batch.image_ids, layer_name, targets, preset, batch_size, model
+            method, work, batch.tensor, batch.image_ids, layer_name, targets, preset, batch_size, model, tune_allocator
         )
         passes += step_passes
         flat = maps.reshape(maps.shape[0], -1)
@@ -238,7 +261,7 @@ def sanity_check(
         "depth": depth,
         "seed": seed,
     }
-    if method == "scorecam":
+    if _needs_masked_passes(method):
         protocol["preset"] = preset
     names = class_names_of(model)
     variables: dict[str, Any] = {
