@@ -118,10 +118,8 @@ def interactions(explorer, cache: xr.DataTree) -> dict[str, Interaction]:
         "reset": (lambda i: setattr(recomposer.switched_off, "value", f"{i % 50}, 7"), lambda i: recomposer.reset.click()),
         "sort by": lambda i: setattr(channels.sort_by, "value", ("variance", "contribution", "weight")[i % 3]),
         "channel box": lambda i: setattr(channels.channel, "value", (3 * i + 1) % head),
-        "click a bar": lambda i: setattr(
-            channels.bars.widget,
-            "_js2py_pointsCallback",
-            {"event_type": "plotly_click", "points": {"trace_indexes": [0], "point_indexes": [i % 30], "xs": [0], "ys": [0]}},
+        "click a bar": lambda i: channels.bars.widget._handle_custom_msg(
+            {"event": "click", "points": [{"trace": 0, "point": i % 30}]}, []
         ),
         "opacity": lambda i: setattr(explorer.map.opacity, "value", (0.3, 0.6)[i % 2]),
         "colour scale": lambda i: setattr(explorer.map.colormap, "value", ("viridis", "turbo", "jet")[i % 3]),

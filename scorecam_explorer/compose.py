@@ -1,7 +1,7 @@
 r"""Score-CAM maps recomposed from a cache, with no model and no forward pass.
 
 A cache (see ``docs/cache.md``) holds, per layer, each channel's activation A_k and the
-model's full output f(X * H_k) on the input masked by that channel. Everything here is array
+model's full output f(X∘H_k) on the input masked by that channel. Everything here is array
 work on it:
 
     w = preset.weights(scores of the target class)            (image, channel)
@@ -20,15 +20,22 @@ channels are combined at feature resolution and only one map per image is upsamp
 N applied before Up (as pytorch-grad-cam does), the result is the same up to epsilon: Up
 preserves constants, so it commutes with the affine map N.
 
+The numpy maths (min-max, the preset weights pipeline, channel rankings, Pearson's r) is
+:mod:`scorecam_explorer.kernels`, shared with dataset analysis, the explorer and the
+metrics; ``pearson`` is re-exported here.
+
 No torch is imported: a saved cache is explored on a machine without it. Arrays are read
 from a cache once per (cache object, layer) and kept while the cache object lives; treat a
-cache as read-only.
+cache as read-only. From a lazily opened cache or dataset store (``load_cache(lazy=True)``,
+``open_dataset``) a call reads the layer's arrays of the images it asks for only (``image=``),
+never the whole store: a store of many images holds images x channels x classes masked
+outputs per layer.
 """
 
 from __future__ import annotations
 
-import json
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +43,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from scorecam_explorer.cache import cache_layers, convention_fields
 from scorecam_explorer.errors import (
     CacheError,
     NonFiniteError,
@@ -44,6 +52,9 @@ from scorecam_explorer.errors import (
     UnknownLayerError,
     did_you_mean,
 )
+from scorecam_explorer.kernels import log_normalizer as _log_normalizer
+from scorecam_explorer.kernels import min_max as _min_max
+from scorecam_explorer.kernels import pearson, preset_weights, rank_order, target_scores, top_k_mask
 from scorecam_explorer.presets import PRESETS, Preset, Resolution, TargetScores, get_preset
 from scorecam_explorer.resize import resize_adjoint, resize_bilinear
 from scorecam_explorer.targets import class_index, names_table
@@ -53,6 +64,7 @@ __all__ = [
     "cached_layers",
     "channel_contributions",
     "channel_weights",
+    "pearson",
     "resolve_targets",
     "scorecam",
     "top_channels_by_variance",
@@ -78,11 +90,9 @@ class _LayerArrays:
     _variance: np.ndarray | None = None
 
     def log_normalizer(self) -> np.ndarray:
-        """logsumexp_j f^j(X * H_k) per (image, channel): the softmax denominator."""
+        """logsumexp_j f^j(X∘H_k) per (image, channel): the softmax denominator."""
         if self._log_normalizer is None:
-            logits = self.masked_logits.astype(np.float64)
-            peak = logits.max(axis=-1, keepdims=True)
-            self._log_normalizer = (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[..., 0]
+            self._log_normalizer = _log_normalizer(self.masked_logits)
         return self._log_normalizer
 
     def variance(self) -> np.ndarray:
@@ -103,13 +113,59 @@ class _CacheArrays:
     input_size: tuple[int, int]
     mask_convention: dict[str, Any]
     layer_names: list[str]
-    layers: dict[str, _LayerArrays] = field(default_factory=dict)
+    layers: dict[str, _LayerSource] = field(default_factory=dict)
     _names_lower: dict[str, list[int]] | None = None
 
     def class_index_by_name(self) -> dict[str, list[int]]:
         if self._names_lower is None:
             self._names_lower = names_table(self.class_names)
         return self._names_lower
+
+
+# Image selections of a lazy cache kept per layer (the explorer asks for one image at a time).
+_KEPT_SELECTIONS = 4
+
+
+def _in_memory(dataset: xr.Dataset) -> bool:
+    """Whether every data variable is a numpy array already (not dask, not a lazy store read)."""
+    return all(variable.variable._in_memory for variable in dataset.data_vars.values())
+
+
+def _read_layer(node: xr.Dataset) -> _LayerArrays:
+    """A layer node's arrays as numpy (reads the images ``node`` holds, all of them)."""
+    return _LayerArrays(
+        activation=np.asarray(node["activation"].transpose("image", "channel", "fy", "fx").values),
+        masked_logits=np.asarray(node["masked_logits"].transpose("image", "channel", "class").values),
+        constant=np.asarray(node["constant"].transpose("image", "channel").values, dtype=bool),
+    )
+
+
+@dataclass
+class _LayerSource:
+    """Where a layer's arrays come from: read whole once when the cache is in memory; per
+    image selection (the last few kept) when it is lazy, so that one image's map never reads
+    the other images' masked outputs."""
+
+    node: xr.Dataset
+    lazy: bool
+    n_channels: int
+    whole: _LayerArrays | None = None
+    parts: OrderedDict[tuple[int, ...], _LayerArrays] = field(default_factory=OrderedDict)
+
+    def select(self, indices: list[int]) -> tuple[_LayerArrays, np.ndarray]:
+        """Arrays holding the images ``indices`` and the rows of those images in them."""
+        if not self.lazy:
+            if self.whole is None:
+                self.whole = _read_layer(self.node)
+            return self.whole, np.asarray(indices, dtype=np.int64)
+        key = tuple(int(i) for i in indices)
+        if key in self.parts:
+            self.parts.move_to_end(key)
+        else:
+            self.parts[key] = _read_layer(self.node.isel(image=list(key)))
+            while len(self.parts) > _KEPT_SELECTIONS:
+                self.parts.popitem(last=False)
+        return self.parts[key], np.arange(len(key))
 
 
 # id(cache) -> (weak reference to the cache, its arrays). The weak reference both checks that
@@ -151,18 +207,6 @@ def _read_root(cache: xr.DataTree) -> _CacheArrays:
         input_size = (int(cache.dataset.sizes["y"]), int(cache.dataset.sizes["x"]))
     else:
         raise CacheError("this cache has neither an `input` nor an `image` variable: no input size.")
-    convention_text = cache.attrs.get("mask_convention", "{}")
-    try:
-        convention = json.loads(convention_text) if isinstance(convention_text, str) else dict(convention_text)
-    except ValueError as error:
-        raise CacheError(f"the cache's mask_convention attribute is not JSON: {error}.") from error
-    children = list(cache.children)
-    try:
-        layer_names = [str(name) for name in json.loads(cache.attrs["layers"])]
-        layer_names = [name for name in layer_names if name in children]
-    except (KeyError, ValueError, TypeError):
-        layer_names = []
-    layer_names = layer_names or children
     return _CacheArrays(
         logits=np.asarray(logits.transpose("image", "class").values),
         baseline_logits=np.asarray(cache["baseline_logits"].transpose("image", "class").values),
@@ -171,12 +215,13 @@ def _read_root(cache: xr.DataTree) -> _CacheArrays:
         if "image" in logits.coords
         else [str(index) for index in range(logits.sizes["image"])],
         input_size=input_size,
-        mask_convention=convention,
-        layer_names=layer_names,
+        mask_convention=convention_fields(cache),
+        layer_names=cache_layers(cache),
     )
 
 
-def _layer_arrays(cache: xr.DataTree, layer: str) -> tuple[_CacheArrays, _LayerArrays]:
+def _layer_source(cache: xr.DataTree, layer: str) -> tuple[_CacheArrays, _LayerSource]:
+    """The root arrays and where ``layer``'s arrays come from (nothing of the layer read yet)."""
     root = _root_arrays(cache)
     if not isinstance(layer, str) or layer not in root.layer_names:
         raise UnknownLayerError(
@@ -188,12 +233,19 @@ def _layer_arrays(cache: xr.DataTree, layer: str) -> tuple[_CacheArrays, _LayerA
         missing = [name for name in ("activation", "masked_logits", "constant") if name not in node.data_vars]
         if missing:
             raise CacheError(f"layer {layer!r} of this cache lacks {', '.join(missing)} (see docs/cache.md).")
-        root.layers[layer] = _LayerArrays(
-            activation=np.asarray(node["activation"].transpose("image", "channel", "fy", "fx").values),
-            masked_logits=np.asarray(node["masked_logits"].transpose("image", "channel", "class").values),
-            constant=np.asarray(node["constant"].transpose("image", "channel").values, dtype=bool),
-        )
+        root.layers[layer] = _LayerSource(node=node, lazy=not _in_memory(node), n_channels=int(node.sizes["channel"]))
     return root, root.layers[layer]
+
+
+def _layer_rows(
+    cache: xr.DataTree, layer: str, image: ImageSelector
+) -> tuple[_CacheArrays, _LayerArrays, list[int], np.ndarray]:
+    """Root arrays, the layer's arrays for the selected images (read only those from a lazy
+    cache), the selected image indices, and their rows in the layer's arrays."""
+    root, source = _layer_source(cache, layer)
+    indices = _image_indices(root, image)
+    arrays, rows = source.select(indices)
+    return root, arrays, indices, rows
 
 
 def cached_layers(cache: xr.DataTree) -> list[str]:
@@ -288,16 +340,24 @@ def _channel_mask(channels: Channels, n_channels: int, n_images: int, indices: l
     return mask
 
 
-def _keep_top_k(weights: np.ndarray, active: np.ndarray, top_k: int | None) -> np.ndarray:
-    """Restrict ``active`` to the ``top_k`` largest weights per image (ties: lower channel id)."""
+def check_top_k(top_k: int, n_channels: int, layer: str, name: str = "top_k") -> int:
+    """``top_k`` as an int if it is a whole number in 1..``n_channels``, else a :class:`ScorecamError`
+    that says the layer's channel count (``name``: how the caller calls the option)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ScorecamError(f"{name} must be a positive integer, not {top_k!r}.")
+    if not 1 <= top_k <= n_channels:
+        raise ScorecamError(
+            f"layer {layer} has {n_channels} channels; {name} must be between 1 and {n_channels}, not {top_k}."
+        )
+    return int(top_k)
+
+
+def _keep_top_k(weights: np.ndarray, active: np.ndarray, top_k: int | None, layer: str) -> np.ndarray:
+    """Restrict ``active`` to the ``top_k`` largest weights per image (ties: lower channel id);
+    ``top_k`` must lie in 1..(the layer's channels)."""
     if top_k is None:
         return active
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ScorecamError(f"top_k must be a positive integer, not {top_k!r}.")
-    ranking = np.argsort(np.where(active, -weights, np.inf), axis=-1, kind="stable")[:, : int(top_k)]
-    kept = np.zeros_like(active)
-    np.put_along_axis(kept, ranking, True, axis=-1)
-    return kept & active
+    return top_k_mask(weights, check_top_k(top_k, weights.shape[-1], layer), active)
 
 
 # ---- the pipeline ------------------------------------------------------------------------
@@ -309,7 +369,8 @@ class _Weights:
 
     root: _CacheArrays
     layer: _LayerArrays
-    indices: list[int]
+    indices: list[int]  # the selected images, as indices of the cache
+    rows: np.ndarray  # their rows in ``layer``'s arrays
     targets: np.ndarray
     scores: TargetScores
     preset: Preset
@@ -328,30 +389,26 @@ def _weights(
     top_k: int | None = None,
 ) -> _Weights:
     chosen = get_preset(preset)
-    root, arrays = _layer_arrays(cache, layer)
-    indices = _image_indices(root, image)
+    root, arrays, indices, rows = _layer_rows(cache, layer, image)
     targets = _targets_for(root, target, indices)
-    rows = np.asarray(indices)
-    masked_logit = arrays.masked_logits[rows, :, targets]  # (image, channel): f^c(X * H_k)
-    scores = TargetScores(
-        masked_logit=masked_logit.astype(np.float64),
-        logit=root.logits[rows, targets].astype(np.float64),
-        baseline_logit=root.baseline_logits[rows, targets].astype(np.float64),
-        constant=arrays.constant[rows],
-        log_normalizer=lambda: arrays.log_normalizer()[rows],
+    selected = np.asarray(indices, dtype=np.int64)
+    scores = target_scores(
+        arrays.masked_logits,
+        root.logits[selected],
+        root.baseline_logits[selected],
+        arrays.constant,
+        targets,
+        rows=rows,
+        normalizer=lambda: arrays.log_normalizer()[rows],
     )
-    all_weights = chosen.weights(scores)
-    if not np.isfinite(all_weights).all():
-        raise NonFiniteError(
-            f"the {chosen.name!r} weights of layer {layer!r} are not finite: the cache holds "
-            "NaN or inf in its masked outputs."
-        )
+    all_weights = preset_weights(chosen, scores, layer=layer)
     active = _channel_mask(channels, arrays.activation.shape[1], len(root.image_ids), indices)
-    active = _keep_top_k(all_weights, active, top_k)
+    active = _keep_top_k(all_weights, active, top_k, layer)
     return _Weights(
         root=root,
         layer=arrays,
         indices=indices,
+        rows=rows,
         targets=targets,
         scores=scores,
         preset=chosen,
@@ -367,14 +424,6 @@ def _weighted_sum(weights: np.ndarray, activation: np.ndarray) -> np.ndarray:
     flat = activation.reshape(n_images, n_channels, height * width)
     summed = np.matmul(weights[:, None, :], flat.astype(np.float64, copy=False))[:, 0, :]
     return summed.reshape(n_images, height, width)
-
-
-def _min_max(maps: np.ndarray, eps: float) -> np.ndarray:
-    """(M - min M) / (max M - min M + eps) per map over the last two axes; 0 where constant."""
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - low
-    safe = np.where(span > 0, span + eps, 1.0)
-    return np.where(span > 0, (maps - low) / safe, 0.0)
 
 
 def _align_corners(preset: Preset, root: _CacheArrays) -> bool:
@@ -439,7 +488,8 @@ def scorecam(
             :func:`top_channels_by_variance` returns).
         resolution: ``"input"`` (dims image, y, x) or ``"feature"`` (dims image, fy, fx).
         image: an image index or id to select one image (the ``image`` dim is dropped).
-        top_k: keep only the k channels of largest weight (among ``channels``) per image.
+        top_k: keep only the k channels of largest weight (among ``channels``) per image; k
+            must lie in 1..(the layer's channels), else a :class:`ScorecamError` says so.
 
     Returns:
         float32 DataArray with values in [0, 1]; coordinates ``target``, ``target_name`` along
@@ -449,7 +499,7 @@ def scorecam(
     """
     resolution = _check_resolution(resolution)
     state = _weights(cache, layer, target, preset, image, channels, top_k)
-    summed = _weighted_sum(state.weights, state.layer.activation[state.indices])
+    summed = _weighted_sum(state.weights, state.layer.activation[state.rows])
     if not np.isfinite(summed).all():
         raise NonFiniteError(f"the activation of layer {layer!r} in this cache holds NaN or inf.")
     values = _map(summed, state.preset, resolution, state.root).astype(np.float32)
@@ -539,7 +589,7 @@ def channel_contributions(
     Variables (dims image, channel unless said):
 
     * ``score``: s_k, the number the preset turns into a weight (see ``preset.score_name``),
-    * ``probability``: p^c(X * H_k), softmax over classes of the masked output,
+    * ``probability``: p^c(X∘H_k), softmax over classes of the masked output,
     * ``weight``: w_k for k in K, else 0 (as :func:`channel_weights` returns),
     * ``contribution``: w_k A_k at feature resolution (image, channel, fy, fx), 0 outside K,
     * ``share``: channel k's part of the map's total after ReLU (see :func:`_shares`); the
@@ -552,7 +602,7 @@ def channel_contributions(
     given for every channel. Dims (channel, ...) instead with ``image=``.
     """
     state = _weights(cache, layer, target, preset, image, channels, top_k)
-    activation = state.layer.activation[state.indices].astype(np.float64)
+    activation = state.layer.activation[state.rows].astype(np.float64)
     contribution = state.weights[:, :, None, None] * activation
     dims = ("image", "channel")
     result = xr.Dataset(
@@ -563,7 +613,7 @@ def channel_contributions(
             "contribution": ((*dims, "fy", "fx"), contribution),
             "share": (dims, _shares(state, contribution)),
             "selected": (dims, state.active),
-            "variance": (dims, state.layer.variance()[state.indices]),
+            "variance": (dims, state.layer.variance()[state.rows]),
             "constant": (dims, state.scores.constant),
         },
         coords={**_image_coords(state), "channel": np.arange(activation.shape[1])},
@@ -609,7 +659,7 @@ def top_channels_by_weight(
     """
     state = _weights(cache, layer, target, preset, image)
     count = _check_count(k, state.all_weights.shape[-1], "k")
-    order = np.argsort(-state.all_weights, axis=-1, kind="stable")[:, :count]
+    order = rank_order(state.all_weights)[:, :count]
     image_ids = [state.root.image_ids[i] for i in state.indices]
     result = _ranking(image_ids, order, state.all_weights, "weight")
     result.attrs.update({"layer": layer, "preset": state.preset.name})
@@ -626,11 +676,10 @@ def top_channels_by_variance(cache: xr.DataTree, layer: str, n: int, *, image: I
     keeps its own.) Dims (image, rank) (or (rank) with ``image=``), with a ``variance``
     coordinate; ties go to the lower channel id.
     """
-    root, arrays = _layer_arrays(cache, layer)
-    indices = _image_indices(root, image)
-    variance = arrays.variance()[indices]
+    root, arrays, indices, rows = _layer_rows(cache, layer, image)
+    variance = arrays.variance()[rows]
     count = _check_count(n, variance.shape[-1], "n")
-    order = np.argsort(-variance, axis=-1, kind="stable")[:, :count]
+    order = rank_order(variance)[:, :count]
     result = _ranking([root.image_ids[i] for i in indices], order, variance, "variance")
     result.attrs.update({"layer": layer})
     return result.isel(image=0) if image is not None else result

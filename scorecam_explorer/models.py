@@ -9,11 +9,13 @@ cache so that a cache is never reused with other weights).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
+from unittest import mock
 
 import torch
 from torch import nn
@@ -159,6 +161,63 @@ def load_model(name: str = DEFAULT_MODEL, weights: Weights = "DEFAULT", device: 
     return loaded
 
 
+def load_architecture(name: str = DEFAULT_MODEL, weights: Weights = "DEFAULT") -> LoadedModel:
+    """A model by name with random weights: its architecture only; weights are never read or downloaded.
+
+    Enough for everything that depends on the layers only (their names, channels and sizes, as
+    ``scorecam-explorer layers`` lists them), which the weights' values do not change. For a
+    torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) the model is built as
+    :func:`load_model` builds it for those weights (some set the architecture, e.g. a ViT's
+    image size) with the same preprocessing, without fetching them; a path or ``None`` gives
+    the architecture a state dict is loaded into. The global random generator is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        if name == DEFAULT_MODEL:
+            return _load_default(None)
+        import torchvision.models
+
+        _check_torchvision_name(name)
+        weights_enum = torchvision.models.get_model_weights(name)
+        chosen = weights_enum.DEFAULT
+        if isinstance(weights, str) and not Path(weights).suffix:
+            chosen = _weights_by_name(name, weights_enum, weights)
+            with _weights_not_fetched():
+                module = torchvision.models.get_model(name, weights=chosen)
+        else:
+            module = torchvision.models.get_model(name, weights=None)
+    return LoadedModel(
+        name=name,
+        module=module.eval(),
+        preprocessing=_preprocessing_from_weights(chosen),  # metadata only: ships with torchvision
+        class_names=list(weights_enum.DEFAULT.meta["categories"]),
+        weights="random (architecture only)",
+    )
+
+
+class _NoWeights(dict):
+    """Stands in for a weights enum's state dict while only the architecture is built."""
+
+
+@contextmanager
+def _weights_not_fetched() -> Iterator[None]:
+    """Within: torchvision builders get an empty stand-in instead of downloading a state dict,
+    and loading that stand-in does nothing (the module keeps its random initialisation)."""
+    from torchvision.models._api import WeightsEnum
+
+    original = nn.Module.load_state_dict
+
+    def load_state_dict(module: nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(state_dict, _NoWeights):
+            return None
+        return original(module, state_dict, *args, **kwargs)
+
+    with (
+        mock.patch.object(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: _NoWeights()),
+        mock.patch.object(nn.Module, "load_state_dict", load_state_dict),
+    ):
+        yield
+
+
 def _load_default(weights: Weights) -> LoadedModel:
     if weights is None:
         module, label = default_model.build(pretrained=False), "random"
@@ -189,12 +248,7 @@ def _existing_weights_path(weights: str | Path) -> Path:
 def _load_torchvision(name: str, weights: Weights) -> LoadedModel:
     import torchvision.models
 
-    known = torchvision_classifiers()
-    if name not in known:
-        raise UnknownModelError(
-            f"unknown model {name!r}.{did_you_mean(name, [DEFAULT_MODEL, *known])}"
-            f" Known models: {DEFAULT_MODEL} (default), {', '.join(known)}."
-        )
+    _check_torchvision_name(name)
     weights_enum = torchvision.models.get_model_weights(name)
     reference = weights_enum.DEFAULT  # metadata only: transforms and class names ship with torchvision
     preprocessing = _preprocessing_from_weights(reference)
@@ -203,11 +257,7 @@ def _load_torchvision(name: str, weights: Weights) -> LoadedModel:
     if weights is None:
         module, label = torchvision.models.get_model(name, weights=None), "random"
     elif isinstance(weights, str) and not Path(weights).suffix:
-        try:
-            chosen = weights_enum[weights.upper()] if weights.upper() != "DEFAULT" else reference
-        except KeyError:
-            options = ", ".join(["DEFAULT", *(w.name for w in weights_enum)])
-            raise WeightsUnavailableError(f"{name} has no weights {weights!r}; choose one of {options}") from None
+        chosen = _weights_by_name(name, weights_enum, weights)
         try:
             module = torchvision.models.get_model(name, weights=chosen)
         except Exception as error:  # noqa: BLE001 - any download failure means the same to a user
@@ -229,6 +279,27 @@ def _load_torchvision(name: str, weights: Weights) -> LoadedModel:
     return LoadedModel(
         name=name, module=module.eval(), preprocessing=preprocessing, class_names=class_names, weights=label
     )
+
+
+def _check_torchvision_name(name: str) -> None:
+    """:class:`UnknownModelError` with the closest names unless ``name`` is a torchvision classifier."""
+    known = torchvision_classifiers()
+    if name not in known:
+        raise UnknownModelError(
+            f"unknown model {name!r}.{did_you_mean(name, [DEFAULT_MODEL, *known])}"
+            f" Known models: {DEFAULT_MODEL} (default), {', '.join(known)}."
+        )
+
+
+def _weights_by_name(name: str, weights_enum: Any, weights: str) -> Any:
+    """The member of a torchvision weights enum called ``weights`` (``"DEFAULT"``: the default)."""
+    if weights.upper() == "DEFAULT":
+        return weights_enum.DEFAULT
+    try:
+        return weights_enum[weights.upper()]
+    except KeyError:
+        options = ", ".join(["DEFAULT", *(w.name for w in weights_enum)])
+        raise WeightsUnavailableError(f"{name} has no weights {weights!r}; choose one of {options}") from None
 
 
 def _preprocessing_from_weights(weights: Any) -> Preprocessing:

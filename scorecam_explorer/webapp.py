@@ -6,9 +6,11 @@
    from the cache directory (:func:`cache_dir`), after checking that it matches (weights
    fingerprint, mask convention, the picture's pixels); compute what is missing, with a
    progress bar; save atomically. A damaged cache is refused with the reason.
-2. :func:`serve`: check that Voila is installed and the port is free, then run Voila on the
-   bundled notebook ``app/explorer.ipynb``, which reads its settings from environment
-   variables (:func:`explorer_from_environment`), until Ctrl-C.
+2. :class:`AppServer`: started before step 1 so that both run at once, it runs Voila
+   (:mod:`scorecam_explorer.serving`) on the bundled notebook ``app/explorer.ipynb``. Every
+   page's kernel follows a status file that the command writes (loading, computing layer k
+   of n, ready, failed) and shows the explorer once the cache is ready. Closed pages'
+   kernels are culled; above a session limit a visitor gets "the class is full".
 
 Nothing here imports torch at module level: serving a saved cache as it is needs no model.
 """
@@ -41,6 +43,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scorecam_explorer.errors import CacheError, ScorecamError
+from scorecam_explorer.serving.options import LOCALHOST, ServeOptions
+from scorecam_explorer.serving.options import voila_command as _voila_command
+from scorecam_explorer.serving.status import ENV_APP_STATUS, AppStatus, write_status
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -48,7 +53,7 @@ if TYPE_CHECKING:
     from scorecam_explorer.explorer import Explorer
     from scorecam_explorer.models import LoadedModel
 
-HOST = "127.0.0.1"
+HOST = LOCALHOST
 DEFAULT_PORT = 8866
 DEFAULT_IMAGE = "sample:chelsea"
 INSTALL_HINT = 'pip install "scorecam-explorer[app]"'
@@ -68,9 +73,8 @@ DEFAULT_APP_LAYERS: dict[str, tuple[str, ...]] = {
 """Layers the app caches by default, per model: a few blocks and the default layer, so the
 layer scrubber has something to scrub while the first run stays short on a CPU."""
 
-# JupyterLab-only front-end extensions that fail to load in Voila's page (console error).
-# front-end extensions installed beside Voila (JupyterLab, Notebook 7) that the app page does not use
-_VOILA_EXTENSION_DENYLIST = ["@voila-dashboards/jupyterlab-preview", "@jupyter-notebook/lab-extension"]
+Reporter = Callable[[AppStatus], None]
+"""Receives the command's progress (see :mod:`scorecam_explorer.serving.status`)."""
 
 
 class PortInUseError(ScorecamError, OSError):
@@ -161,23 +165,38 @@ class PreparedCache:
     seconds: float = 0.0
     model_name: str = ""
     notes: list[str] = field(default_factory=list)
+    tree: Any = field(default=None, repr=False, compare=False)
+    """The cache as loaded and checked (when it was loaded), for :meth:`AppServer.ready`."""
 
 
-def _refuse(path: Path, reason: str) -> CacheError:
-    return CacheError(
-        f"the cache at {path} cannot be used: {reason.rstrip('.')}. Run again with --recompute to compute it "
-        "afresh (it is replaced only once the new one is complete), or pass another --cache path."
-    )
+def _refuse(path: Path, reason: str, *, given_alone: bool = False) -> CacheError:
+    """The refusal of the cache at ``path``, saying what ``--recompute`` would compute there.
+
+    ``given_alone``: the cache was named by path without --model, --image or --layer; then
+    --recompute computes the defaults (the embedded model on the bundled photo), not what
+    this cache held, and the message says so.
+    """
+    if given_alone:
+        from scorecam_explorer.models import DEFAULT_MODEL
+
+        remedy = (
+            "Run again with --recompute and the --model, --weights, --image and --layer this cache was made with "
+            f"to compute it afresh at this path (--recompute alone computes {DEFAULT_MODEL} on {DEFAULT_IMAGE} "
+            "there instead; the old one is replaced only once the new one is complete)"
+        )
+    else:
+        remedy = "Run again with --recompute to compute it afresh (it is replaced only once the new one is complete)"
+    return CacheError(f"the cache at {path} cannot be used: {reason.rstrip('.')}. {remedy}, or pass another --cache path.")
 
 
-def open_existing(path: Path) -> xr.DataTree:
+def open_existing(path: Path, *, given_alone: bool = False) -> xr.DataTree:
     """Load a cache for the app; a damaged or foreign one is refused with the reason."""
     from scorecam_explorer.cache import load_cache
 
     try:
         return load_cache(path)
     except CacheError as error:
-        raise _refuse(path, str(error)) from None
+        raise _refuse(path, str(error), given_alone=given_alone) from None
 
 
 def check_reusable(
@@ -208,6 +227,7 @@ def prepare_cache(
     recompute: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    report: Reporter | None = None,
 ) -> PreparedCache:
     """Find, check, compute or extend the cache the app will serve.
 
@@ -217,15 +237,19 @@ def prepare_cache(
     loaded and the cache at ``cache_path`` (default: :func:`default_cache_path`) is reused
     if it matches, extended with missing ``layers``, or computed. ``recompute`` computes
     afresh whatever is there (a folder that is not a cache is never replaced).
+    ``report`` receives the progress (loading, computing layer k of n) for the app's pages.
     """
     from scorecam_explorer.conventions import DEFAULT_CONVENTION
 
     path = Path(cache_path).expanduser() if cache_path is not None else None
     serve_as_is = path is not None and model_name is None and image is None and not layers and convention is None
+    report = report or (lambda status: None)
     if serve_as_is and path.exists() and not recompute:
-        cache = open_existing(path)
-        return PreparedCache(path, "opened", _layers(cache), model_name=str(cache.attrs.get("model_name", "")))
+        report(AppStatus("loading", f"Opening the cache {path.name}"))
+        cache = open_existing(path, given_alone=True)
+        return PreparedCache(path, "opened", _layers(cache), model_name=str(cache.attrs.get("model_name", "")), tree=cache)
 
+    report(AppStatus("loading", "Loading the model"))
     from scorecam_explorer.images import load_image
     from scorecam_explorer.models import DEFAULT_MODEL, load_model
 
@@ -233,6 +257,7 @@ def prepare_cache(
     convention = convention or DEFAULT_CONVENTION
     picture = load_image(image)  # a bad path fails here, before the model loads
     log(f"loading model {model_name or DEFAULT_MODEL} ...")
+    report(AppStatus("loading", f"Loading the model {model_name or DEFAULT_MODEL}"))
     model = load_model(model_name or DEFAULT_MODEL, weights=weights)
     wanted = [model.check_layer(layer) for layer in layers] if layers else default_layers(model)
     pixels = model.preprocessing.crop_image(picture)
@@ -242,17 +267,19 @@ def prepare_cache(
     identifier = make_image_id(image)
 
     if path.exists() and not recompute:
+        report(AppStatus("loading", f"Checking the cache {path.name}"))
         cache = open_existing(path)
         check_reusable(cache, path, model, convention, identifier, pixels)
         missing = [layer for layer in wanted if layer not in _layers(cache)]
         if not missing:
-            return PreparedCache(path, "reused", _layers(cache), model_name=model.name)
+            return PreparedCache(path, "reused", _layers(cache), model_name=model.name, tree=cache)
         log(f"adding layer(s) {', '.join(missing)} to {path} ...")
         from scorecam_explorer.cache import save_cache
         from scorecam_explorer.explorer.model_link import compute_layers
 
         started = time.perf_counter()
-        cache = compute_layers(cache, model, missing, progress=progress)
+        with reporting_progress(report, missing):
+            cache = compute_layers(cache, model, missing, progress=progress)
         save_cache(cache, path, overwrite=True)
         return PreparedCache(path, "extended", _layers(cache), time.perf_counter() - started, model.name)
 
@@ -261,7 +288,9 @@ def prepare_cache(
 
     log(f"computing Score-CAM for {identifier} at {', '.join(wanted)} (one forward pass per channel) ...")
     started = time.perf_counter()
-    cache = compute_cache(model, image, wanted, convention=convention, progress=progress)
+    with reporting_progress(report, wanted):
+        cache = compute_cache(model, image, wanted, convention=convention, progress=progress)
+    report(AppStatus("loading", "Saving the cache"))
     path.parent.mkdir(parents=True, exist_ok=True)
     if recompute and path.exists():
         replace_cache(cache, path)
@@ -343,12 +372,14 @@ def write_kernel_spec(data_dir: Path) -> Path:
     """A ``python3`` kernel spec running this interpreter, under ``data_dir/kernels``.
 
     Prepending ``data_dir`` to ``JUPYTER_PATH`` makes the app's kernel run in the same
-    environment as the command, whatever other ``python3`` kernels are installed.
+    environment as the command, whatever other ``python3`` kernels are installed. The kernel
+    starts through :mod:`scorecam_explorer.serving.kernel` (``ipykernel`` without a slow
+    optional import).
     """
     spec_dir = data_dir / "kernels" / "python3"
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [sys.executable, "-m", "scorecam_explorer.serving.kernel", "-f", "{connection_file}"],
         "display_name": "Python 3 (scorecam-explorer)",
         "language": "python",
     }
@@ -356,37 +387,32 @@ def write_kernel_spec(data_dir: Path) -> Path:
     return data_dir
 
 
-def voila_command(notebook: Path, port: int, host: str = HOST) -> list[str]:
-    """The command line that serves ``notebook`` with Voila on ``host:port``."""
-    return [
-        sys.executable,
-        "-m",
-        "voila",
-        str(notebook),
-        f"--port={int(port)}",
-        f"--Voila.ip={host}",
-        "--no-browser",
-        "--theme=light",
-        *(f"--VoilaConfiguration.extension_denylist={name}" for name in _VOILA_EXTENSION_DENYLIST),
-        "--VoilaConfiguration.show_tracebacks=True",
-    ]
+def voila_command(notebook: Path, port: int, host: str = HOST, options: ServeOptions | None = None) -> list[str]:
+    """The command line that serves ``notebook`` on ``host:port`` (see :class:`ServeOptions`)."""
+    from dataclasses import replace
+
+    chosen = replace(options or ServeOptions(), host=host, port=int(port))
+    return _voila_command(notebook, chosen)
 
 
-def app_environment(
-    cache_path: Path, *, model_name: str | None, weights: str | None, jupyter_dir: Path, base: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment Voila and its kernel run in: the app's settings and kernel path."""
+def app_environment(status_path: Path, *, jupyter_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment Voila and its kernels run in: the status file to follow, the kernel path."""
     env = dict(os.environ if base is None else base)
-    env[ENV_APP_CACHE] = str(Path(cache_path).resolve())
-    env[ENV_APP_MODEL] = model_name or ""
-    env[ENV_APP_WEIGHTS] = "none" if weights is None else str(weights)
+    env[ENV_APP_STATUS] = str(Path(status_path).resolve())
+    for name in (ENV_APP_CACHE, ENV_APP_MODEL, ENV_APP_WEIGHTS):
+        env.pop(name, None)  # the status file names the cache and model once they are ready
     env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(jupyter_dir), env.get("JUPYTER_PATH", "")]))
     return env
 
 
 def static_url(port: int, host: str = HOST) -> str:
     """A static file of Voila's: it answers as soon as the server is up (``/`` starts a kernel)."""
-    return f"http://{host}:{port}/voila/static/voila.js"
+    return f"http://{_url_host(host)}:{port}/voila/static/voila.js"
+
+
+def _url_host(host: str) -> str:
+    """The host to put in a URL for a server listening on ``host`` (any address: this machine)."""
+    return LOCALHOST if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 60.0) -> bool:
@@ -401,8 +427,247 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 60.
                     return True
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.25)
+        time.sleep(0.1)
     return False
+
+
+@contextlib.contextmanager
+def reporting_progress(report: Reporter, layers: Sequence[str]) -> Iterator[None]:
+    """While computing ``layers``, pass "computing layer k of n" to ``report``.
+
+    The engine shows one progress bar over every layer's channels and names the layer it is
+    on; this follows that bar (a proxy around it), at most every half second.
+    """
+    from scorecam_explorer import engine
+
+    original = getattr(engine, "_progress_bar", None)
+    if original is None:  # nothing to follow: one report for the whole computation
+        report(AppStatus("computing", f"{len(layers)} layer(s)", 0, len(layers)))
+        yield
+        return
+    order = list(layers)
+    report(AppStatus("computing", order[0] if order else "", 0, len(order)))
+
+    class Followed:
+        def __init__(self, bar: Any) -> None:
+            self._bar, self._layer, self._done, self._last = bar, "", 0, 0.0
+
+        def __enter__(self) -> Followed:
+            self._bar.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self._bar.__exit__(*exc)
+
+        def set_postfix_str(self, text: str, *args: Any, **kwargs: Any) -> None:
+            self._layer = text
+            self._send(force=True)
+            self._bar.set_postfix_str(text, *args, **kwargs)
+
+        def update(self, n: int = 1) -> Any:
+            self._done += int(n)
+            self._send()
+            return self._bar.update(n)
+
+        def _send(self, force: bool = False) -> None:
+            now = time.monotonic()
+            if not force and now - self._last < 0.5:
+                return
+            self._last = now
+            step = order.index(self._layer) if self._layer in order else 0
+            total = getattr(self._bar, "total", 0) or 0
+            detail = f"{self._layer} ({self._done} of {total} channels in all)" if total else self._layer
+            report(AppStatus("computing", detail, step, len(order), done=self._done, total=total))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._bar, name)
+
+    engine._progress_bar = lambda total, enabled: Followed(original(total, enabled))
+    try:
+        yield
+    finally:
+        engine._progress_bar = original
+
+
+RECENT_CACHES = "app-recent.json"
+"""In the cache directory: the cache each set of `app` options served last (a hint only)."""
+
+
+def recent_key(**options: Any) -> str:
+    """The key of a set of `app` options in :data:`RECENT_CACHES`."""
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def recall_cache(key: str, directory: Path | None = None) -> Path | None:
+    """The cache served last for ``key``, if it still exists (else None)."""
+    try:
+        recent = json.loads(((directory or cache_dir()) / RECENT_CACHES).read_text())
+        path = Path(recent[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_dir() else None
+
+
+def remember_cache(key: str, path: Path, directory: Path | None = None, keep: int = 32) -> None:
+    """Record that ``path`` was served for ``key`` (atomically; best effort)."""
+    folder = directory or cache_dir()
+    target = folder / RECENT_CACHES
+    try:
+        recent = json.loads(target.read_text())
+        if not isinstance(recent, dict):
+            recent = {}
+    except (OSError, ValueError):
+        recent = {}
+    recent.pop(key, None)
+    recent[key] = str(Path(path).resolve())
+    recent = dict(list(recent.items())[-keep:])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{RECENT_CACHES}.", dir=folder)
+        with os.fdopen(handle, "w") as stream:
+            json.dump(recent, stream, indent=1)
+        os.replace(temporary, target)
+    except OSError:
+        pass
+
+
+class AppServer:
+    """Voila serving the app notebook, and the status file its pages follow.
+
+    :meth:`start` runs Voila at once (its pool of kernels starts while the command prepares
+    the cache); :meth:`report` passes progress to the pages; :meth:`ready` tells them to open
+    the cache; :meth:`fail` shows them why not; :meth:`wait` serves until Ctrl-C; :meth:`stop`
+    stops Voila and its kernels.
+    """
+
+    def __init__(self, options: ServeOptions, *, open_browser: bool = True, log: Callable[[str], None] = print) -> None:
+        self.options = options
+        self.open_browser = open_browser
+        self.log = log
+        self.url = f"http://{_url_host(options.host)}:{options.port}/"
+        self._scratch = tempfile.TemporaryDirectory(prefix="scorecam-explorer-")
+        self.status_path = Path(self._scratch.name) / "status.json"
+        self.process: subprocess.Popen | None = None
+        self._serving = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._expected: dict[str, str] = {}
+
+    def start(self, startup_timeout: float = 90.0) -> AppServer:
+        """Start Voila (returns at once; the URL is printed when it answers)."""
+        require_voila()
+        write_status(self.status_path, AppStatus("starting"))
+        env = app_environment(self.status_path, jupyter_dir=write_kernel_spec(Path(self._scratch.name)))
+        self.process = subprocess.Popen(
+            voila_command(notebook_path(), self.options.port, self.options.host, self.options),
+            env=env,
+            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
+        self._watcher = threading.Thread(target=self._announce, args=(startup_timeout,), daemon=True)
+        self._watcher.start()
+        return self
+
+    def _announce(self, timeout: float) -> None:
+        assert self.process is not None
+        if not wait_until_serving(static_url(self.options.port, self.options.host), self.process, timeout):
+            return
+        self._serving.set()
+        if not self.options.is_local:
+            from scorecam_explorer.serving.options import exposure_notice
+
+            self.log(exposure_notice(self.options))
+        self.log(f"Score-CAM explorer: {self.url}  (Ctrl-C to stop)")
+        if self.open_browser:
+            webbrowser.open(self.url)
+
+    def expect(self, candidate: Path | None, *, model_name: str | None = None, weights: str | None = "DEFAULT") -> None:
+        """Name the cache the command expects to serve, which pages may open in advance (they
+        show it only if :meth:`ready` names the same cache, unchanged)."""
+        if candidate is None:
+            self._expected = {}
+            return
+        self._expected = {
+            "candidate": str(Path(candidate).expanduser().resolve()),
+            "model": model_name or "",
+            "weights": "none" if weights is None else str(weights),
+        }
+
+    def report(self, status: AppStatus) -> None:
+        """Tell the pages what the command is doing."""
+        if status.state not in ("ready", "failed") and self._expected:
+            from dataclasses import replace
+
+            status = replace(status, **self._expected)
+        write_status(self.status_path, status)
+
+    def ready(self, prepared: PreparedCache, *, model_name: str | None, weights: str | None) -> None:
+        """Tell the pages to open ``prepared``'s cache (and which model they may load).
+
+        The cache, loaded and checked once here, is also pickled into this server's private
+        folder as a snapshot that every page reads instead of the Zarr store.
+        """
+        snapshot = self._write_snapshot(prepared)
+        self.report(
+            AppStatus(
+                "ready",
+                cache=str(Path(prepared.path).resolve()),
+                model=model_name or "",
+                weights="none" if weights is None else str(weights),
+                layers=list(prepared.layers),
+                snapshot=str(snapshot) if snapshot else "",
+            )
+        )
+
+    def _write_snapshot(self, prepared: PreparedCache) -> Path | None:
+        import pickle
+
+        tree = prepared.tree if prepared.tree is not None else open_existing(Path(prepared.path))
+        target = Path(self._scratch.name) / "cache.pickle"
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:
+            with open(temporary, "wb") as stream:
+                pickle.dump(tree, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(temporary, target)
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            temporary.unlink(missing_ok=True)
+            return None  # the pages open the Zarr store instead
+        return target
+
+    def fail(self, message: str) -> None:
+        """Show ``message`` on every page instead of the explorer."""
+        self.report(AppStatus("failed", message))
+
+    def wait(self) -> int:
+        """Serve until Ctrl-C (0) or until Voila stops (its status)."""
+        assert self.process is not None and self._watcher is not None
+        try:
+            self._watcher.join()
+            if not self._serving.is_set():
+                if self.process.poll() is None:
+                    _stop(self.process)
+                raise ScorecamError(
+                    f"Voila did not start on port {self.options.port} (exit status {self.process.returncode}); see its log above."
+                )
+            return self.process.wait()
+        except KeyboardInterrupt:
+            self.log("stopping ...")
+            return 0
+
+    def stop(self) -> None:
+        """Stop Voila (and so its kernels) and remove the status file."""
+        if self.process is not None:
+            _stop(self.process)
+        self._scratch.cleanup()
+
+
+@contextlib.contextmanager
+def app_server(options: ServeOptions, *, open_browser: bool = True, log: Callable[[str], None] = print) -> Iterator[AppServer]:
+    """A started :class:`AppServer`, stopped on leaving (SIGTERM counts as Ctrl-C meanwhile)."""
+    server = AppServer(options, open_browser=open_browser, log=log)
+    with _terminate_as_interrupt():
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 def serve(
@@ -413,36 +678,16 @@ def serve(
     weights: str | None,
     open_browser: bool = True,
     log: Callable[[str], None] = print,
-    startup_timeout: float = 90.0,
+    options: ServeOptions | None = None,
 ) -> int:
-    """Run Voila on the app notebook until Ctrl-C (or until Voila stops); returns its status."""
-    require_voila()
-    check_port(port)
-    url = f"http://{HOST}:{port}/"
-    with tempfile.TemporaryDirectory(prefix="scorecam-explorer-") as scratch, _terminate_as_interrupt():
-        env = app_environment(
-            cache_path, model_name=model_name, weights=weights, jupyter_dir=write_kernel_spec(Path(scratch))
-        )
-        process = subprocess.Popen(
-            voila_command(notebook_path(), port),
-            env=env,
-            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-        )
-        try:
-            if not wait_until_serving(static_url(port), process, startup_timeout):
-                if process.poll() is None:
-                    process.terminate()
-                    process.wait(10)
-                raise ScorecamError(f"Voila did not start on port {port} (exit status {process.returncode}); see its log above.")
-            log(f"Score-CAM explorer: {url}  (Ctrl-C to stop)")
-            if open_browser:
-                webbrowser.open(url)
-            return process.wait()
-        except KeyboardInterrupt:
-            log("stopping ...")
-            return 0
-        finally:
-            _stop(process)
+    """Serve a cache that is ready until Ctrl-C (or until Voila stops); returns its status."""
+    from dataclasses import replace
+
+    chosen = replace(options or ServeOptions(), port=int(port))
+    check_port(chosen.port, chosen.host)
+    with app_server(chosen, open_browser=open_browser, log=log) as server:
+        server.ready(PreparedCache(Path(cache_path), "opened", []), model_name=model_name, weights=weights)
+        return server.wait()
 
 
 def _stop_with_parent() -> None:
@@ -487,26 +732,25 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def explorer_from_environment(environ: Mapping[str, str] | None = None) -> Explorer:
-    """The explorer the app notebook shows, from the variables :func:`serve` sets.
+    """The explorer for the cache named by ``SCORECAM_EXPLORER_APP_CACHE``.
 
-    ``SCORECAM_EXPLORER_APP_CACHE`` names the cache. ``SCORECAM_EXPLORER_APP_MODEL`` (and
-    ``..._WEIGHTS``) name a model loaded only if the page asks for it (to add a layer or
-    run Grad-CAM); empty means the model named in the cache, if ``load_model`` knows it.
+    ``SCORECAM_EXPLORER_APP_MODEL`` (and ``..._WEIGHTS``) name a model loaded only if the
+    page asks for it (to add a layer or run Grad-CAM); empty means the model named in the
+    cache, if ``load_model`` knows it.
     """
-    from scorecam_explorer.explorer import Explorer
-
     env = os.environ if environ is None else environ
     path = env.get(ENV_APP_CACHE)
     if not path:
         raise ScorecamError(f"{ENV_APP_CACHE} is not set: start the app with `scorecam-explorer app`.")
-    cache = open_existing(Path(path))
-    name = env.get(ENV_APP_MODEL) or str(cache.attrs.get("model_name", ""))
-    weights_text = env.get(ENV_APP_WEIGHTS, "DEFAULT")
-    weights = None if weights_text.lower() == "none" else weights_text
+    return explorer_for_cache(Path(path), model_name=env.get(ENV_APP_MODEL, ""), weights=env.get(ENV_APP_WEIGHTS, "DEFAULT"))
 
-    def load() -> Any:
-        from scorecam_explorer.models import load_model
 
-        return load_model(name, weights=weights)
+def explorer_for_cache(path: Path, *, model_name: str = "", weights: str = "DEFAULT") -> Explorer:
+    """The explorer of the cache at ``path``; no torch until the page asks for the model.
 
-    return Explorer(cache, model=load if name else None)
+    ``model_name`` empty means the model named in the cache; ``weights`` ``"none"`` means
+    random weights.
+    """
+    from scorecam_explorer.serving.page import ModelSpec, build_explorer
+
+    return build_explorer(str(path), ModelSpec(model_name, weights))

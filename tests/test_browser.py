@@ -138,6 +138,61 @@ def wait_for_new_map(page: Any, previous: str, what: str, watch: PageWatch, inde
         raise AssertionError(f"{error}; page problems so far: {watch.problems()}") from None
 
 
+# ---- the channel chart ------------------------------------------------------------------
+
+MIN_BAR_PIXELS = 4  # a bar a person can aim at with a mouse
+
+
+def channel_chart(page: Any, index: int = 0) -> Any:
+    """The ``index``-th explorer's channel-weights chart (its Plotly graph div)."""
+    return page.locator(".js-plotly-plot").filter(has=page.locator(".gtitle", has_text="Channel weights")).nth(index)
+
+
+def inspected_channel(page: Any, index: int = 0) -> str:
+    """What the ``index``-th explorer's Channel box says (the channel in the inspector)."""
+    box = page.locator(".widget-text").filter(has=page.locator(".widget-label", has_text=re.compile(r"^Channel$")))
+    return box.nth(index).locator("input").input_value().strip()
+
+
+def inspector_titles(page: Any) -> list[str]:
+    """Titles of the channel inspectors' detail figures ("Channel K of LAYER")."""
+    return [f["title"] for f in figures(page) if re.fullmatch(r"Channel \d+ of .+", f["title"])]
+
+
+def click_bar_of_rank(page: Any, rank: int, index: int = 0) -> None:
+    """Click, with the mouse, the bar of the ``rank``-th heaviest channel (1 = heaviest) of the
+    ``index``-th explorer's channel chart; the bar must be drawn at least MIN_BAR_PIXELS wide."""
+    bar = channel_chart(page, index).locator(".barlayer .point").nth(rank - 1)
+    bar.scroll_into_view_if_needed()
+    box = bar.bounding_box()
+    assert box, f"the bar of rank {rank} is not drawn"
+    assert box["width"] >= MIN_BAR_PIXELS, f"the bar of rank {rank} is {box['width']:.1f} px wide: too narrow to aim at"
+    plot = channel_chart(page, index).locator(".draglayer .nsewdrag").first.bounding_box()
+    assert plot, "the channel chart's plot area is not drawn"
+    centre = box["x"] + box["width"] / 2
+    assert plot["x"] <= centre <= plot["x"] + plot["width"], f"the bar of rank {rank} is outside the chart's window"
+    # Anywhere in the bar's column: the tail's bars (weight ~0) have no height to aim at.
+    page.mouse.click(box["x"] + box["width"] / 2, plot["y"] + plot["height"] * 0.6)
+
+
+def click_inspects(page: Any, rank: int, channel: int, layer: str, what: str, index: int = 0) -> None:
+    """Click the bar of ``rank``; the inspector must then show ``channel`` of ``layer``."""
+    click_bar_of_rank(page, rank, index)
+    wait_until(lambda: inspected_channel(page, index) == str(channel), timeout=UPDATE_TIMEOUT, page=page,
+               what=f"{what}: the Channel box to show channel {channel} after clicking the bar of rank {rank} "
+               f"(it shows {inspected_channel(page, index)})")
+    wait_until(lambda: f"Channel {channel} of {layer}" in inspector_titles(page), timeout=UPDATE_TIMEOUT, page=page,
+               what=f"{what}: the inspector to draw channel {channel} of {layer} (it draws {inspector_titles(page)})")
+
+
+def bar_order(cache: xr.DataTree, layer: str, target: int) -> np.ndarray:
+    """Channel ids by rank, as the chart sorts them by default (weight w_k, paper preset)."""
+    from scorecam_explorer.compose import channel_contributions
+    from scorecam_explorer.figures import channel_order
+
+    return channel_order(channel_contributions(cache, layer, target, preset=PRESET, image=0), "weight")
+
+
 # ---- Voila: the app ---------------------------------------------------------------------
 
 
@@ -320,10 +375,86 @@ def test_explorer_app_in_chromium(app: AppUnderTest) -> None:
             watch.assert_clean("the explorer app")
 
 
+# ---- Voila: the default app, as `make app` opens it ---------------------------------------
+
+NEWCOMER_VIEWPORT = {"width": 1400, "height": 1000}
+
+
+@pytest.mark.slow
+def test_default_app_click_inspects_the_channel(tmp_path: Path) -> None:
+    """What a newcomer does: `scorecam-explorer app` with nothing but a fresh cache folder (the
+    default model, photo and layers; the cache is computed), the page at 1400x1000, the
+    chart's default mode. Clicking the bar of the 100th heaviest channel of `head` (1280
+    channels) inspects that channel; a channel typed in the box moves the chart to its bar,
+    which is clicked too; in "switch it off / on" mode a click switches the channel off."""
+    from scorecam_explorer import load_cache
+
+    require_chromium()
+    cache_dir = tmp_path / "cache-dir"
+    port = free_port()
+    env = dict(os.environ, SCORECAM_EXPLORER_CACHE_DIR=str(cache_dir))
+    command = [*explorer_command(), "app", "--no-browser", "--port", str(port)]
+    watch = PageWatch()
+    with running_server(
+        command, port=port, ready_path="/voila/static/voila.js", log_path=ARTIFACTS / "voila-default.log", env=env,
+        timeout=PAGE_TIMEOUT,
+    ) as server, chromium_browser() as browser:
+        page = browser.new_page(viewport=NEWCOMER_VIEWPORT)
+        watch.attach(page)
+        with screenshot_on_failure(page, "default-app-failure"):
+            page.goto(server.url("/"), timeout=PAGE_TIMEOUT * 1000)
+            wait_for_page(page, watch)
+            caches = sorted(path for path in cache_dir.glob("*.zarr") if not path.name.startswith("."))
+            assert len(caches) == 1, f"the app's cache folder holds {caches}"
+            cache = load_cache(caches[0])
+            layer = "head"
+            assert slider_readout(slider(page, "Layer")) == layer, "the app does not open on head"
+            assert page.get_by_role("button", name="inspect it").get_attribute("class").count("mod-active"), (
+                "the chart's click mode is not 'inspect it' by default"
+            )
+            target = int(np.argmax(cache["logits"].values[0]))
+            order = bar_order(cache, layer, target)
+            assert len(order) == 1280
+            chart = figures_titled(page, "Channel weights")[0]
+            assert np.array_equal(decode_typed_array(chart["traces"][0]["customdata"])[:, 0].astype(int), order)
+            screenshot(page, "default-01-opened")
+
+            # The 100th heaviest channel: drawn wide enough, and a click inspects it.
+            click_inspects(page, 100, int(order[99]), layer, "the default app")
+            screenshot(page, "default-02-rank-100")
+
+            # A channel far down the tail, typed in the box: the chart moves to its bar; click it.
+            tail_rank = 1000
+            box = page.locator(".widget-text").filter(has=page.locator(".widget-label", has_text=re.compile(r"^Channel$")))
+            field = box.first.locator("input")
+            field.fill(str(int(order[tail_rank - 1])))
+            field.press("Enter")
+            wait_until(lambda: f"Channel {int(order[tail_rank - 1])} of {layer}" in inspector_titles(page),
+                       timeout=UPDATE_TIMEOUT, page=page, what="the inspector to follow the typed channel")
+            neighbour = tail_rank + 2
+            click_inspects(page, neighbour, int(order[neighbour - 1]), layer, "the default app's tail")
+            screenshot(page, "default-03-tail")
+
+            # Back to the heaviest (typed), then "switch it off / on": a click on the 7th switches it off.
+            field.fill(str(int(order[0])))
+            field.press("Enter")
+            wait_until(lambda: f"Channel {int(order[0])} of {layer}" in inspector_titles(page),
+                       timeout=UPDATE_TIMEOUT, page=page, what="the inspector to follow the typed channel")
+            page.get_by_role("button", name="switch it off / on").click()
+            click_bar_of_rank(page, 7)
+            off_field = page.locator(".widget-text").filter(has=page.locator(".widget-label", has_text="Off")).locator("input")
+            wait_until(lambda: off_field.input_value().strip() == str(int(order[6])), timeout=UPDATE_TIMEOUT,
+                       page=page, what=f"channel {int(order[6])} to be switched off (Off says {off_field.input_value()!r})")
+            wait_until(lambda: "1 switched off" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
+                       page=page, what="the map's subtitle to say 1 switched off")
+            screenshot(page, "default-04-switched-off")
+            watch.assert_clean("the default app")
+
+
 # ---- JupyterLab: the quickstart notebook ---------------------------------------------------
 
 QUICKSTART = REPO_ROOT / "notebooks" / "01_quickstart.ipynb"
-LAB_VIEWPORT = {"width": 1600, "height": 2400}  # the explorer is up to 920 px wide; Lab's file browser takes 250
+LAB_VIEWPORT = {"width": 1600, "height": 2400}  # the explorer's two columns take about 1340 px; Lab's file browser takes 250
 NOTEBOOK_TIMEOUT = 420.0  # Run All of the quickstart (it computes its caches) on a busy 2-core machine
 
 LAB_SETTINGS = {
@@ -389,7 +520,6 @@ def cell_prompts(page: Any) -> list[str]:
     return [text.strip() for text in page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").all_inner_texts()]
 
 
-@pytest.mark.slow
 def run_all_cells(page: Any, front_end: str) -> None:
     """Run All from the Run menu (JupyterLab and Notebook 7 share it), until a cell starts.
 
@@ -418,6 +548,7 @@ def run_all_cells(page: Any, front_end: str) -> None:
     assert any(p != "[ ]:" for p in cell_prompts(page)), f"Run All did not start the notebook in {front_end}"
 
 
+@pytest.mark.slow
 def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
     require_chromium()
     notebook_dir = tmp_path / "notebooks"
@@ -496,6 +627,12 @@ def test_quickstart_in_jupyterlab(tmp_path: Path) -> None:
             wait_until(lambda: f"{top_k} of {total} channels" in map_figure(page)["text"], timeout=UPDATE_TIMEOUT,
                        page=page, what=f"the map's subtitle to say {top_k} of {total} channels")
             screenshot(page, "lab-02-top-k")
+
+            # ... and a click on a bar (the 100th heaviest of head's 1280) inspects that channel.
+            chart = figures_titled(page, "Channel weights")[0]
+            ranked = decode_typed_array(chart["traces"][0]["customdata"])[:, 0].astype(int)
+            click_inspects(page, 100, int(ranked[99]), "head", "JupyterLab")
+            screenshot(page, "lab-03-clicked")
             watch.assert_clean("the quickstart notebook in JupyterLab")
 
 
@@ -589,4 +726,9 @@ def test_explorer_in_notebook7(app_cache: Path, tmp_path: Path) -> None:
                        page=page, what=f"the map's subtitle to say {top_k} of {n_channels} channels")
             check_map(page, expected, f"Notebook 7, after top k = {top_k}", layer, top_k=top_k)
             screenshot(page, "notebook7-02-top-k")
+
+            # ... and a click on the 10th heaviest channel's bar inspects it.
+            order = bar_order(cache, layer, expected.target)
+            click_inspects(page, 10, int(order[9]), layer, "Notebook 7")
+            screenshot(page, "notebook7-03-clicked")
             watch.assert_clean("the explorer in Notebook 7")

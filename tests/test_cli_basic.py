@@ -38,6 +38,56 @@ def test_layers_marks_the_default(capsys) -> None:
     assert "* layer4" in output and "512" in output and "7x7" in output
 
 
+def no_weights_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way of reading or downloading weights fail loudly."""
+    import torch
+    import torchvision.models._api
+
+    from scorecam_explorer import default_model
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were read or downloaded")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(default_model, "weights_file", refuse)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0"])
+def test_layers_needs_no_weights(model: str, capsys, monkeypatch) -> None:
+    from scorecam_explorer.models import load_model
+
+    expected = load_model(model, weights=None).layers()  # random weights: the same layers
+    no_weights_anywhere(monkeypatch)
+    assert main(["layers", "--model", model]) == 0  # --weights DEFAULT, and yet nothing fetched
+    output = capsys.readouterr().out
+    assert output.startswith(f"{model}: {len(expected)} targetable layers")
+    for layer in expected:
+        assert f" {layer.name} " in output and f"{layer.height}x{layer.width}" in output
+
+
+def test_layers_with_a_weights_name_uses_its_architecture_without_fetching_it(capsys, monkeypatch) -> None:
+    no_weights_anywhere(monkeypatch)
+    # these weights set the ViT's image size to 384: the architecture and the sizes follow them
+    assert main(["layers", "--model", "vit_b_16", "--weights", "IMAGENET1K_SWAG_E2E_V1"]) == 0
+    output = capsys.readouterr().out
+    assert "at input 384x384" in output and "* conv_proj" in output and "24x24" in output
+
+
+@pytest.mark.parametrize("command", ["predict", "compute"])
+def test_predict_and_compute_still_load_the_pretrained_weights(command: str, capsys, monkeypatch, tmp_path) -> None:
+    no_weights_anywhere(monkeypatch)
+    argv = [command, "--image", "sample:chelsea"]
+    if command == "compute":
+        argv += ["--out", str(tmp_path / "c.zarr")]
+    # a torchvision model: the failed fetch becomes one error line
+    assert main([*argv, "--model", "resnet18"]) == 2
+    assert "weights were read or downloaded" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="weights were read or downloaded"):  # the embedded model
+        main(argv)
+
+
 def test_predict_on_a_user_file_with_random_weights(capsys, tmp_path) -> None:
     from PIL import Image
 

@@ -32,7 +32,12 @@ def test_compute_saves_a_cache_and_prints_a_summary(tmp_path, capsys):
     constant = cache["features.0"]["constant"].values.sum(axis=1)
     assert "features.0: 16 channels" in captured.out
     assert f"constant per image: {constant[0]}, {constant[1]}" in captured.out
-    assert f"{cache.attrs['forward_passes']} forward passes" in captured.out
+    assert f"{cache.attrs['forward_passes']} forward passes (model calls: the batches" in captured.out
+    # why fewer forward passes than channels: constant channels share the baseline pass, the rest are batched
+    assert (
+        f"32 masked inputs (channels x images): {constant.sum()} of constant channels (an all-zero mask: "
+        f"the one baseline pass per image stands for them), {32 - constant.sum()} forwarded in batches"
+    ) in captured.out
     assert str(out) in captured.out
     assert captured.err == ""  # --no-progress: no bar
 
@@ -208,3 +213,34 @@ def test_compute_dataset_takes_layers_after_one_flag_or_repeated(tmp_path):
         ["compute-dataset", "--images", str(tmp_path), "--layer", "a", "b", "--layer", "c", "--out", str(tmp_path / "s.zarr")]
     )
     assert args.layer == ["a", "b", "c"]
+
+
+def test_summary_says_why_there_are_fewer_forward_passes_than_channels():
+    from scorecam_explorer.commands.compute import summary
+
+    text = summary(1280, 1213, 67, 2.5, "head.zarr")
+    assert text.splitlines() == [
+        "1280 masked inputs (channels x images): 1213 of constant channels (an all-zero mask: the one baseline "
+        "pass per image stands for them), 67 forwarded in batches",
+        "67 forward passes (model calls: the batches, plus the unmasked and baseline passes and checks) in 2.5 s; "
+        "saved to head.zarr",
+    ]
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--tune-allocator"], True)])
+def test_compute_dataset_leaves_the_workers_allocator_alone_unless_asked(tmp_path, monkeypatch, flag, expected):
+    from scorecam_explorer import distributed
+    from _tiny_models import write_images
+
+    write_images(tmp_path / "pictures", 1)
+    seen = {}
+
+    def fake_compute_dataset(*_args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)  # stop before any cluster starts
+
+    monkeypatch.setattr(distributed, "compute_dataset", fake_compute_dataset)
+    with pytest.raises(SystemExit):
+        main(["compute-dataset", "--images", str(tmp_path / "pictures"), "--layer", "head", "--out",
+              str(tmp_path / "s.zarr"), *flag])
+    assert seen["tune_allocator"] is expected

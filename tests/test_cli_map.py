@@ -103,7 +103,10 @@ def test_png_needs_an_image_when_the_cache_holds_several(cache_path, tmp_path, c
         (["--layer", "5"], "not in this cache"),
         (["--preset", "pytorch_grad_cam"], "Did you mean: pytorch-grad-cam"),
         (["--image", "sample:rocket"], "sample:chelsea"),
-        (["--top-k", "0"], "top_k must be a positive integer"),
+        (["--top-k", "0"], "layer 4 has 12 channels; --top-k must be between 1 and 12, not 0."),
+        (["--top-k", "99999"], "layer 4 has 12 channels; --top-k must be between 1 and 12, not 99999."),
+        (["--layer", "1", "--top-k", "9"], "layer 1 has 8 channels; --top-k must be between 1 and 8, not 9."),
+        (["--layer", "7", "--top-k", "9"], "not in this cache"),
     ],
 )
 def test_bad_arguments_give_one_line(cache_path, tmp_path, capsys, argv, message):

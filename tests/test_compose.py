@@ -361,6 +361,21 @@ def test_bad_channel_subsets_are_refused(function):
         function(cache, "block", 0, channels=[0.5, 1.5])
     with pytest.raises(ScorecamError, match="top_k"):
         function(cache, "block", 0, top_k=0)
+    with pytest.raises(ScorecamError, match="top_k must be a positive integer"):
+        function(cache, "block", 0, top_k=2.5)
+
+
+@pytest.mark.parametrize("function", [scorecam, channel_weights, channel_contributions])
+def test_top_k_must_lie_within_the_layers_channels(function):
+    cache = random_cache(n_channels=8)
+    for top_k in (0, 9, 99999):
+        message = rf"layer block has 8 channels; top_k must be between 1 and 8, not {top_k}\."
+        with pytest.raises(ScorecamError, match=message):
+            function(cache, "block", 0, top_k=top_k)
+    # the bound is the layer's channels, not the subset's: all of a subset is top_k = its size or more
+    subset = function(cache, "block", 0, channels=[1, 2])
+    xr.testing.assert_equal(function(cache, "block", 0, channels=[1, 2], top_k=8), subset)
+    xr.testing.assert_equal(function(cache, "block", 0, top_k=8), function(cache, "block", 0))
 
 
 def test_top_k_keeps_the_largest_weights_per_image():
@@ -501,7 +516,7 @@ def test_channel_contributions_of_a_subset_recompose_scorecam(name):
         "top_k": {"top_k": 3},
         "ids and top_k": {"channels": [0, 2, 3, 5, 8], "top_k": 2},
         "max_n by variance": {"channels": top_channels_by_variance(cache, "block", 4)},
-        "top_k beyond the count": {"top_k": 50},
+        "top_k = the layer's channels": {"top_k": 9},
         "none": {"channels": []},
     }
     full = channel_contributions(cache, "block", 2, preset=name)

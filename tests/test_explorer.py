@@ -99,12 +99,8 @@ def figures_of(explorer: Explorer) -> dict:
 
 
 def click_bar(explorer: Explorer, position: int) -> None:
-    """What the browser sends when a bar is clicked."""
-    explorer.channels.bars.widget._js2py_pointsCallback = {
-        "event_type": "plotly_click",
-        "points": {"trace_indexes": [0], "point_indexes": [position], "xs": [position], "ys": [0.0]},
-        "device_state": None,
-    }
+    """What the browser sends when a bar is clicked (a custom message of the figure's view)."""
+    explorer.channels.bars.widget._handle_custom_msg({"event": "click", "points": [{"trace": 0, "point": position}]}, [])
 
 
 # ---- the map follows the controls -----------------------------------------------------------
@@ -230,6 +226,41 @@ def test_switching_channels_off_by_text_click_and_reset(explorer, cache) -> None
     assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0)))
 
 
+def test_a_click_message_that_is_not_a_bar_changes_nothing(explorer) -> None:
+    before = explorer.state.selection
+    bars = explorer.channels.bars.widget
+    for content in (
+        {"event": "click", "points": []},
+        {"event": "click", "points": [{"trace": 1, "point": 0}]},  # not the bars' trace
+        {"event": "click", "points": [{"trace": 0, "point": 10_000}]},  # no such bar
+        {"event": "click", "points": [{"trace": 0, "point": "2"}]},
+        {"event": "hover"},
+        "click",
+    ):
+        bars._handle_custom_msg(content, [])
+    assert explorer.state.selection == before
+
+
+def test_the_chart_window_follows_a_typed_channel_but_not_a_click(explorer, monkeypatch) -> None:
+    from scorecam_explorer.explorer import channels_panel
+
+    monkeypatch.setattr(channels_panel, "visible_bar_count", lambda n_channels, width: 3)  # 3 bars fit
+    channels = explorer.channels
+    explorer.controls.target.value = 4  # a new ordering: the window starts again
+    order = explorer.state.order()
+    window = lambda: list(channels.bars.widget.layout.xaxis.range)  # noqa: E731
+    channels.channel.value = int(order[0])
+    assert window() == [0.5, 3.5]
+    channels.channel.value = int(order[7])  # rank 8, beyond the window: it moves there
+    low, high = window()
+    assert low < 8 < high and high - low == 3
+    click_bar(explorer, int(low + 0.5) - 1)  # a bar inside the window: it stays
+    assert window() == [low, high]
+    channels.click_mode.value = "inspect"
+    click_bar(explorer, 0)  # rank 1, clicked after the user dragged the strip there: no jump
+    assert explorer.state.selection.channel == int(order[0]) and window() == [low, high]
+
+
 def test_bad_channel_text_is_reported_in_place(explorer) -> None:
     explorer.recomposer.switched_off.value = "3, x"
     assert "not a channel number" in explorer.recomposer.message.value
@@ -257,8 +288,8 @@ def test_fidelity_curve_shown_is_pearson_r_of_compose_maps(explorer, cache) -> N
     full = scorecam(cache, s.layer, s.target, image=0).values.ravel()
     for k, r in zip(line.x, line.y):
         top = scorecam(cache, s.layer, s.target, image=0, top_k=int(k)).values.ravel()
-        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
-        assert r == pytest.approx(expected, abs=1e-7), k
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else np.nan
+        assert r == pytest.approx(expected, abs=1e-7, nan_ok=True), k
 
 
 # ---- channel inspector ----------------------------------------------------------------------
@@ -379,7 +410,7 @@ def test_compare_two_presets_layers_and_classes(explorer, cache) -> None:
 def test_compare_offers_grad_cam_when_a_model_is_attached(cache, model) -> None:
     explorer = Explorer(cache, model=model)
     explorer.compare.mode.value = "methods"
-    explorer.compare.second.value = "gradcam_pp"
+    explorer.compare.second.value = "gradcam++"
     s = explorer.state.selection
     inputs = torch.from_numpy(cache["input"].isel(image=[0]).values)
     expected = baselines.gradcam_pp(model, inputs, s.layer, s.target).isel(image=0)
@@ -598,6 +629,25 @@ def test_merge_layers_keeps_model_order_and_refuses_other_weights(model, images,
         merge_layers(first, other)
 
 
+def test_a_layer_added_to_a_bfloat16_cache_is_computed_in_bfloat16(model, images) -> None:
+    """The new layer's scores come from bfloat16 passes, as the cache's attributes say."""
+    from scorecam_explorer.explorer.model_link import compute_layers
+
+    half = compute_cache(model, images[:1], ["features.4"], progress=False, batch_size=8, precision="bfloat16")
+    added = compute_layers(half, model, ["features.1"], progress=False)
+    expected = compute_cache(model, images[:1], ["features.1"], progress=False, batch_size=8, precision="bfloat16")
+    full = compute_cache(model, images[:1], ["features.1"], progress=False, batch_size=8)
+    scores = added["features.1"]["masked_logits"].values
+    to_bfloat16 = np.abs(scores - expected["features.1"]["masked_logits"].values).max()
+    to_float32 = np.abs(scores - full["features.1"]["masked_logits"].values).max()
+    assert added.attrs["dtype"] == "bfloat16"
+    # another batch size may round the bfloat16 passes a little differently, but the scores
+    # must be those of bfloat16 passes, not of float32 ones
+    assert to_float32 > 0 and to_bfloat16 <= 0.1 * to_float32
+    with pytest.raises(ScorecamError, match="dtype"):
+        merge_layers(half, full)
+
+
 # ---- analysis helpers -------------------------------------------------------------------------
 
 
@@ -608,8 +658,64 @@ def test_channel_mask_matches_the_engines_torch_masks(model, images, convention)
     expected = MASK_CONVENTIONS[convention].masks(activation, (32, 32))[0].numpy()
     for channel in range(activation.shape[1]):
         mask = analysis.channel_mask(cache, "features.4", channel)
-        assert mask.dims == ("y", "x")
-        assert np.allclose(mask.values, expected[channel], atol=1e-5), channel
+        assert mask.dims == ("y", "x") and mask.dtype == np.float32
+        # float32, rounded as the engine rounds: a few ulps of [0, 1] apart at most
+        np.testing.assert_allclose(mask.values, expected[channel], rtol=0, atol=1e-6, err_msg=str(channel))
+
+
+@pytest.mark.parametrize("convention", list(MASK_CONVENTIONS))
+@pytest.mark.parametrize(("feature", "size"), [((7, 7), (224, 224)), ((5, 9), (40, 48)), ((7, 7), (65, 64))])
+def test_engine_mask_rounds_as_the_engine(convention, feature, size) -> None:
+    """Large and small outputs (PyTorch interpolates them differently), odd ratios, every convention."""
+    chosen = MASK_CONVENTIONS[convention]
+    maps = torch.randn(1, 16, *feature, generator=torch.Generator().manual_seed(3))
+    expected = chosen.masks(maps, size)[0].numpy()
+    described = json.loads(chosen.to_json())
+    for channel in range(16):
+        mask = analysis.engine_mask(maps[0, channel].numpy(), size, described, constant=False)
+        assert mask.dtype == np.float32
+        np.testing.assert_allclose(mask, expected[channel], rtol=0, atol=1e-6, err_msg=f"{convention} {channel}")
+
+
+def with_channel(cache: xr.DataTree, layer: str, channel: int, values: np.ndarray, constant: bool) -> xr.DataTree:
+    """A copy of ``cache`` whose image 0, ``channel`` has these activation values and flag."""
+    activation = cache[layer]["activation"].values.copy()
+    flags = cache[layer]["constant"].values.copy()
+    activation[0, channel], flags[0, channel] = values, constant
+    tree = cache.copy()
+    tree[layer] = tree[layer].to_dataset(inherit=False).assign(
+        activation=(("image", "channel", "fy", "fx"), activation), constant=(("image", "channel"), flags)
+    )
+    return tree
+
+
+# A constant activation whose float32 upsampling (32 / 16 = 2x) is not exactly constant on a
+# CPU: the engine stretches that rounding to a [0, 1] mask (as the published libraries do).
+NEAR_CONSTANT = np.full((16, 16), np.float32(3.1848085), dtype=np.float32)
+
+
+def test_a_channel_the_cache_flags_constant_shows_an_all_zero_mask(cache) -> None:
+    """The flag says what was scored (e.g. on a GPU, whose rounding left the map constant):
+    its score is the baseline's, its mask all zero, whatever this machine's rounding makes."""
+    tree = with_channel(cache, "features.4", 2, NEAR_CONSTANT, constant=True)
+    mask = analysis.channel_mask(tree, "features.4", 2)
+    assert mask.dtype == np.float32 and not mask.values.any() and mask.attrs["constant"] == 1
+
+
+def test_a_near_constant_channel_shows_the_mask_the_engine_forwarded(cache) -> None:
+    """Not flagged: the engine forwarded its float32 rounding noise stretched to [0, 1]; the
+    explorer shows that mask, not a float64 rebuild's exact constant (all zero)."""
+    probe = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(5))
+    torch_rounding = MASK_CONVENTIONS["paper"].masks(probe[None], (32, 32))[0].numpy()
+    replica = [analysis.engine_mask(m.numpy(), (32, 32), {"align_corners": False}, False) for m in probe]
+    if not np.array_equal(np.stack(replica), torch_rounding):
+        pytest.skip("torch's bilinear kernel on this CPU rounds without fused multiply-adds: no bit-exact replica")
+    blocks = MASK_CONVENTIONS["paper"].mask_blocks(torch.from_numpy(NEAR_CONSTANT)[None], (32, 32))
+    _, forwarded, flags = next(blocks)
+    assert forwarded[0].numpy().max() == 1.0 and not bool(flags[0])  # what the engine did
+    tree = with_channel(cache, "features.4", 2, NEAR_CONSTANT, constant=False)
+    mask = analysis.channel_mask(tree, "features.4", 2)
+    np.testing.assert_array_equal(mask.values, forwarded[0].numpy())
 
 
 def test_masked_picture_shows_mean_colour_where_masked(cache) -> None:
@@ -635,11 +741,31 @@ def test_fidelity_curve_equals_pearson_of_compose_maps_for_every_preset(cache, p
     tolerance = 1e-6 if PRESETS[preset].relu_at == "input" else 1e-7
     for k in curve["k"].values:
         top = scorecam(cache, layer, target, preset=preset, image=1, channels=on, top_k=int(k)).values.ravel()
-        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
-        assert curve.sel(k=k).item() == pytest.approx(expected, abs=tolerance), (preset, k)
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else np.nan
+        assert curve.sel(k=k).item() == pytest.approx(expected, abs=tolerance, nan_ok=True), (preset, k)
     weights = channel_weights(cache, layer, target, preset=preset, image=1).values
     kept = kept_channels(weights, off, 3)
     assert set(curve["channel"].values[:3]) == set(np.flatnonzero(kept))
+
+
+@pytest.mark.parametrize("preset", ["paper", "torchcam"])
+def test_fidelity_curve_agrees_with_topk_fidelity_on_all_zero_maps(cache, preset) -> None:
+    """The heaviest channel made negative: its top-1 map is all zero after ReLU, and r is
+    undefined for the explorer exactly as for the metric (NaN, not 0)."""
+    from scorecam_explorer.metrics import topk_fidelity
+
+    layer, target = "features.4", 4
+    heaviest = int(np.argmax(channel_weights(cache, layer, target, preset=preset, image=0).values))
+    activation = cache[layer]["activation"].values.copy()
+    activation[0, heaviest] = -1.0 - activation[0, heaviest]
+    tree = cache.copy()
+    tree[layer] = tree[layer].to_dataset(inherit=False).assign(
+        activation=(("image", "channel", "fy", "fx"), activation)
+    )
+    curve = analysis.fidelity_curve(tree, layer, target, preset=preset, image=0)
+    metric = topk_fidelity(tree, layer, [target, target], ks=list(curve["k"].values), preset=preset)
+    assert np.isnan(curve.sel(k=1).item()) and np.isnan(metric.isel(image=0, k=0).item())
+    np.testing.assert_allclose(curve.values, metric.isel(image=0).values, rtol=0, atol=1e-6)  # NaN where NaN
 
 
 def test_sampled_fidelity_curve_is_exact_where_sampled(cache) -> None:
@@ -648,12 +774,18 @@ def test_sampled_fidelity_curve_is_exact_where_sampled(cache) -> None:
     full = scorecam(cache, "features.4", 0, preset="official", image=0).values.ravel()
     for k in curve["k"].values:
         top = scorecam(cache, "features.4", 0, preset="official", image=0, top_k=int(k)).values.ravel()
-        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else 0.0
-        assert curve.sel(k=k).item() == pytest.approx(expected, abs=1e-6)
+        expected = np.corrcoef(top, full)[0, 1] if top.std() > 0 else np.nan
+        assert curve.sel(k=k).item() == pytest.approx(expected, abs=1e-6, nan_ok=True)
 
 
-def test_pearson_of_a_constant_map_is_zero_not_nan() -> None:
-    assert analysis.pearson(np.zeros((4, 4)), np.random.default_rng(0).random((4, 4))) == 0.0
+def test_pearson_of_a_constant_map_is_undefined_as_in_the_metrics() -> None:
+    from scorecam_explorer.metrics._common import pearson as metrics_pearson
+
+    other = np.random.default_rng(0).random((4, 4))
+    assert np.isnan(analysis.pearson(np.zeros((4, 4)), other))
+    assert np.isnan(metrics_pearson(np.zeros((4, 4)), other))
+    assert analysis.describe_r(analysis.pearson(np.zeros((4, 4)), other)) == "undefined (constant map)"
+    assert analysis.describe_r(0.87349) == "0.873"
     a = np.random.default_rng(1).random((5, 5))
     assert analysis.pearson(a, 2 * a + 1) == pytest.approx(1.0)
     with pytest.raises(ScorecamError, match="resize"):
@@ -685,8 +817,140 @@ def test_a_figure_not_yet_drawn_gets_its_whole_state(explorer, monkeypatch) -> N
     explorer.controls.target.value = 6
     assert "class 6" in live.widget._widget_layout["title"]["text"]  # the state a late view is drawn from
     assert live.widget._widget_data[1]["source"] == live.widget.data[1].source
-    live.widget._js2py_layoutDelta = {"layout_delta": {}, "layout_edit_id": 1}  # the browser drew it
+    live.widget._handle_custom_msg({"event": "rendered"}, [])  # the browser drew it
     assert live.drawn
     explorer.controls.target.value = 7
     assert "class 6" in live.widget._widget_layout["title"]["text"]  # deltas only from now on
     assert "class 7" in live.widget.layout.title.text
+
+
+# ---- layout and wording -----------------------------------------------------------------------
+
+
+def test_map_and_channels_are_two_columns_that_wrap(explorer) -> None:
+    from scorecam_explorer.explorer import app
+
+    columns = explorer.columns
+    assert columns.layout.flex_flow == "row wrap"
+    maps, channels = columns.children
+    assert maps.layout.flex_flow == "row wrap"  # Map and Recompose: side by side or stacked
+    assert [section.children[1] for section in maps.children] == [explorer.map.widget, explorer.recomposer.widget]
+    assert channels.children[1] is explorer.channels.widget
+    # Wide enough for both columns; a column as narrow as a notebook holds Map and Recompose side by side.
+    assert app.WIDE_WIDTH >= app.PANEL_WIDTH + style.COLUMN_WIDTH + 2 * app.GAP
+    assert explorer.widget.layout.max_width == f"{app.WIDE_WIDTH}px"
+    assert maps.layout.max_width == f"{app.NARROW_WIDTH}px" and app.NARROW_WIDTH >= 2 * app.PANEL_WIDTH
+    # The figures fit their column.
+    assert explorer.map.figure.spec["layout"]["width"] <= app.PANEL_WIDTH
+    assert explorer.recomposer.figure.spec["layout"]["width"] <= app.PANEL_WIDTH
+    for figure in (explorer.channels.bars, explorer.channels.detail, explorer.channels.gallery, explorer.compare.figure):
+        assert figure.spec["layout"]["width"] <= style.COLUMN_WIDTH
+
+
+def test_the_title_says_where_the_masks_come_from(explorer) -> None:
+    title = explorer.widget.children[1].value
+    assert "masks built with the “paper” convention when the cache was computed" in title
+    assert "masks: " not in title
+
+
+def test_the_layer_caption_says_what_flat_channels_cost(explorer, cache) -> None:
+    explorer.controls.layer.value = "features.4"
+    caption = explorer.controls.layer_info.value
+    node = cache["features.4"]
+    zero = int((node["constant"].isel(image=0) & (abs(node["activation"].isel(image=0)).max(dim=("fy", "fx")) == 0)).sum())
+    assert zero == 1  # the tiny model's features.4 has one all-zero channel on the first picture
+    assert "1 channel is zero on this photo and costs no forward pass" in caption
+    assert "16 channels of 16×16" in caption and "layer 2 of 2 cached, shallow to deep" in caption
+    assert " constant" not in caption and "of 2 cached<" not in caption
+    explorer.controls.layer.value = "features.1"
+    caption = explorer.controls.layer_info.value
+    assert "every channel varies over this photo: one forward pass each" in caption
+    assert "layer 1 of 2 cached" in caption
+
+
+@pytest.mark.parametrize(
+    "flat, zero, text",
+    [
+        (839, 839, "839 channels are zero on this photo and cost no forward pass"),
+        (1, 1, "1 channel is zero on this photo and costs no forward pass"),
+        (5, 3, "5 channels are flat (one value everywhere, 3 of them zero) on this photo and cost no forward pass"),
+        (1, 0, "1 channel is flat (one value everywhere, not zero) on this photo and costs no forward pass"),
+        (0, 0, "every channel varies over this photo: one forward pass each"),
+    ],
+)
+def test_flat_channels_in_words(flat: int, zero: int, text: str) -> None:
+    from scorecam_explorer.explorer.controls import flat_channels_text
+
+    assert flat_channels_text(flat, zero) == text
+
+
+def test_top_k_box_and_logarithmic_slider_set_the_same_k(explorer, cache) -> None:
+    recomposer, s = explorer.recomposer, explorer.state.selection
+    slider, box = recomposer.top_k, recomposer.top_k_box
+    total = explorer.state.channel_count()
+    assert slider.description == "Top k" and slider.base == 10 and slider.min == 0.0
+    assert slider.max == pytest.approx(np.log10(total)) and box.max == total
+    assert slider.readout_format == ".0f" and round(slider.value) == total == box.value
+
+    box.value = 2  # the box: the state, the slider and the map follow
+    assert explorer.state.selection.top_k == 2 and slider.value == pytest.approx(2.0)
+    assert np.array_equal(shown_map(explorer), coloured(scorecam(cache, s.layer, s.target, image=0, top_k=2)))
+    slider.value = 10 ** 0.5  # the slider: a position stands for the nearest whole k (3.16 -> 3)
+    assert explorer.state.selection.top_k == 3 and box.value == 3
+    assert "top <b>3</b> of" in recomposer.summary.value
+    slider.value = 10 ** slider.max  # the far end: every channel
+    assert explorer.state.selection.top_k is None and box.value == total
+    box.value = 4
+    recomposer.reset.click()
+    assert box.value == total and round(slider.value) == total
+
+    explorer.controls.layer.value = "features.1"  # another channel count: both ranges follow
+    channels = explorer.state.channel_count("features.1")
+    assert box.max == channels and slider.max == pytest.approx(np.log10(channels))
+    assert box.value == channels and round(slider.value) == channels
+
+
+@pytest.mark.parametrize("total", [1, 2, 16, 40, 320, 1280])
+def test_the_browser_snapping_the_slider_to_its_steps_keeps_every_k(total: int) -> None:
+    """The browser puts the handle on whole steps from the lower end and sends that value back:
+    every k typed in the box must come back as k, and the last step is the channel count."""
+    from scorecam_explorer.explorer.recomposer_panel import log_slider_max, log_slider_step, slider_k
+
+    top, step = log_slider_max(total), log_slider_step(total)
+    assert top / step == pytest.approx(round(top / step), abs=1e-6)
+    for k in range(1, total + 1):
+        snapped = step * round(np.log10(k) / step)
+        assert slider_k(10**snapped, total) == k
+    assert slider_k(10 ** (step * round(top / step)), total) == total
+
+
+def test_a_negative_share_is_explained_in_the_scores_table() -> None:
+    from scorecam_explorer.explorer.channels_panel import share_note
+
+    assert "takes away from the map" in share_note(-0.027)
+    assert share_note(0.05) == "its part of the map after ReLU"
+
+
+def test_the_masked_input_is_written_one_way_in_the_package() -> None:
+    """X∘H_k (the paper's notation) and f^c(X∘H_k) for its score, nowhere X * H_k or X*H_k."""
+    import pathlib
+
+    import scorecam_explorer
+
+    root = pathlib.Path(scorecam_explorer.__file__).parent
+    mixed = re.compile(r"X(_i)?\s?\*\s?(H|M\b)|X o M")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if mixed.search(line)
+    ]
+    assert found == []
+    assert all("X∘H_k" in preset.score_name for preset in PRESETS.values())
+
+
+def test_the_recompose_summary_says_r_is_undefined_for_a_constant_map() -> None:
+    from scorecam_explorer.explorer.recomposer_panel import summary_html
+
+    assert "undefined (constant map)" in summary_html(3, 10, 0, float("nan"))
+    assert "<b>0.875</b>" in summary_html(3, 10, 0, 0.875)

@@ -37,6 +37,8 @@ from scorecam_explorer.figures.channels import (
     SELECTED_OFF,
     STATUS_LEGEND,
     bar_status,
+    bar_window,
+    visible_bar_count,
 )
 from scorecam_explorer.figures.encoding import (
     DIVERGING,
@@ -237,6 +239,56 @@ def test_an_inspected_channel_switched_off_is_grey_with_an_orange_outline() -> N
     assert isinstance(go.Figure(spec), go.Figure)  # Plotly accepts per-bar outline colours and widths
 
 
+def bar_pixels(spec: dict) -> float:
+    """Width in pixels of one bar slot as the chart opens (plot width / ranks in the x range)."""
+    layout = spec["layout"]
+    plot_width = layout["width"] - layout["margin"]["l"] - layout["margin"]["r"]
+    low, high = layout["xaxis"]["range"]
+    return plot_width / (high - low)
+
+
+def test_a_1280_channel_chart_opens_on_bars_wide_enough_to_click() -> None:
+    data = contributions(1280)
+    spec = channel_bar_spec(data, sort_by="weight")
+    layout, bars = spec["layout"], spec["data"][0]
+    assert len(bars["x"]) == 1280 and list(bars["x"][:3]) == [1, 2, 3]  # every channel, x = its rank
+    assert bar_pixels(spec) >= 4.0
+    low, high = layout["xaxis"]["range"]
+    assert low < 1 and high > 100  # the 100th heaviest is on screen
+    assert layout["xaxis"]["rangeslider"]["visible"]  # the rest: a strip with every bar, to drag
+    shown = int(np.floor(high))
+    assert f"ranks 1-{shown} of 1280 shown" in layout["xaxis"]["title"]["text"]
+    assert go.Figure(spec).layout.xaxis.rangeslider.visible  # Plotly accepts it
+
+
+def test_the_chart_opens_on_the_inspected_channel_when_it_ranks_beyond_the_first_bars() -> None:
+    data = contributions(1280)
+    order = channel_order(data, "weight")
+    deep = int(order[900])  # rank 901
+    low, high = channel_bar_spec(data, selected=deep)["layout"]["xaxis"]["range"]
+    assert low < 901 < high and bar_pixels(channel_bar_spec(data, selected=deep)) >= 4.0
+    assert channel_bar_spec(data, selected=int(order[5]))["layout"]["xaxis"]["range"][0] == 0.5
+    last = int(order[-1])
+    low, high = channel_bar_spec(data, selected=last)["layout"]["xaxis"]["range"]
+    assert high == 1280.5  # the window stops at the last bar
+    assert channel_bar_spec(data, selected=deep, window=[10.5, 60.5])["layout"]["xaxis"]["range"] == [10.5, 60.5]
+
+
+def test_a_small_layer_shows_every_bar_without_a_strip() -> None:
+    spec = channel_bar_spec(contributions(80))
+    assert "rangeslider" not in spec["layout"]["xaxis"]
+    assert spec["layout"]["xaxis"]["range"] == [0.5, 80.5] and bar_pixels(spec) >= 4.0
+
+
+def test_visible_bars_and_windows() -> None:
+    assert visible_bar_count(80, 860) == 80
+    assert visible_bar_count(1280, 860) == (860 - 80) // 5
+    assert bar_window(1280, 100) == [0.5, 100.5]
+    assert bar_window(1280, 100, focus=50) == [0.5, 100.5]
+    assert bar_window(1280, 100, focus=500) == [449.5, 549.5]
+    assert bar_window(1280, 100, focus=1280) == [1180.5, 1280.5]
+
+
 def test_channel_bars_refuse_nan_in_their_hover_data() -> None:
     data = contributions(6)
     data["variance"].values[4] = np.nan
@@ -313,3 +365,58 @@ def test_grid_cells_fit_the_figure_and_do_not_overlap() -> None:
     combined = style.base_layout(900, 400, "title", "note", grid=layout)
     assert combined["annotations"][0]["text"] == "note" and len(combined["annotations"]) == 9
     assert combined["xaxis8"] == layout["xaxis8"]
+
+
+# ---- colour bars, notes and axes that read cleanly ------------------------------------------
+
+
+@pytest.mark.parametrize("extent", [0.16, 0.1, 0.05, 0.0123, 1.0, 3.7, 250.0, 4e-4])
+def test_symmetric_ticks_share_one_format_and_stay_inside_the_scale(extent: float) -> None:
+    from scorecam_explorer.figures.encoding import symmetric_ticks
+
+    values, labels = symmetric_ticks(extent)
+    assert values == sorted(values) and 0.0 in values and len(values) >= 5
+    assert all(abs(value) <= extent * (1 + 1e-9) for value in values)
+    assert values == [-value for value in reversed(values)]  # symmetric about zero
+    decimals = {len(label.split(".")[1]) if "." in label else 0 for label in labels}
+    assert len(decimals) == 1, labels  # "0.050" beside "0.10" and "0.0" no more
+    assert all(float(label.replace("−", "-")) == pytest.approx(value) for label, value in zip(labels, values))
+    assert not any(label.startswith("-") for label in labels)  # a true minus sign, as Plotly writes
+
+
+def test_gallery_colour_bar_has_one_tick_format_and_its_title_above() -> None:
+    tiles = xr.DataArray(RNG.normal(size=(4, 4, 4)) * 0.07, dims=("rank", "fy", "fx"),
+                         coords={"channel": ("rank", [3, 1, 2, 0]), "share": ("rank", [0.4, 0.3, 0.2, 0.1])})
+    colorbar = gallery_spec(tiles)["data"][-1]["marker"]["colorbar"]
+    assert colorbar["tickmode"] == "array" and colorbar["title"]["side"] == "top"
+    assert len({len(label.split(".")[-1]) for label in colorbar["ticktext"]}) == 1
+
+
+def test_gallery_explains_a_negative_share_where_it_shows_one() -> None:
+    def gallery(shares: list[float]) -> dict:
+        tiles = xr.DataArray(RNG.normal(size=(4, 4, 4)), dims=("rank", "fy", "fx"),
+                             coords={"channel": ("rank", [5, 8, 13, 21]), "share": ("rank", shares)})
+        return gallery_spec(tiles)
+
+    texts = [a["text"] for a in gallery([0.5, 0.3, 0.2, 0.1])["layout"]["annotations"]]
+    assert not any("negative" in text for text in texts)
+    spec = gallery([0.5, -0.027, 0.2, -0.01])
+    texts = [a["text"] for a in spec["layout"]["annotations"]]
+    assert "channel 8 · −2.7%" in texts
+    note = texts[-1]
+    assert "channel 8: −2.7%" in note and "channel 21: −1.0%" in note
+    assert "negative where the map is positive, so it takes away from the map" in note
+    assert spec["layout"]["margin"]["b"] > gallery([0.5, 0.3, 0.2, 0.1])["layout"]["margin"]["b"]  # room for it
+
+
+def test_compare_colour_bar_titles_sit_above_the_bars() -> None:
+    spec = compare_spec(picture(), saliency(), saliency(), first_label="a", second_label="b")
+    bars = [trace["marker"]["colorbar"] for trace in spec["data"] if trace["type"] == "scatter"]
+    assert [bar["title"]["text"] for bar in bars] == ["map", "A − B"]
+    assert all(bar["title"]["side"] == "top" for bar in bars)  # not on the edge of the A − B picture
+
+
+def test_compare_says_r_is_undefined_for_a_constant_map() -> None:
+    spec = compare_spec(picture(), saliency(), saliency(), first_label="a", second_label="b", correlation=float("nan"))
+    assert spec["layout"]["title"]["text"].startswith("Compare · Pearson r(A, B) undefined (a constant map)")
+    assert "nan" not in spec["layout"]["title"]["text"]

@@ -96,6 +96,27 @@ def test_button_shows_what_deletion_insertion_returns_for_the_map_shown(cache, m
     assert f"top 3 of {channels} channels, 1 switched off" in panel.figure.widget.layout.annotations[0].text
 
 
+def test_before_computing_words_say_what_the_button_does_instead_of_empty_plots(cache, model) -> None:
+    panel = make_panel(cache, model)
+    intro = panel.intro.value
+    assert panel.body.layout.display == "none" and panel.intro.layout.display is None
+    assert f"runs the model {stated_cost(panel)} times" in intro
+    assert "Deletion removes the pixels the map ranks highest first" in intro and "insertion" in intro
+    assert "Average drop" in intro
+    panel.button.click()
+    assert panel.body.layout.display is None and panel.intro.layout.display == "none"
+    panel.state.update(top_k=2)  # another map: the grey curves of the first stay, no words
+    assert panel.body.layout.display is None and panel.intro.layout.display == "none"
+
+
+def test_curve_axes_are_padded_so_that_0_and_0_percent_do_not_meet(cache, model) -> None:
+    layout = causal_curves_spec(None, None)["layout"]
+    for suffix in ("", "2"):
+        x_range, y_range = layout[f"xaxis{suffix}"]["range"], layout[f"yaxis{suffix}"]["range"]
+        assert x_range[0] < 0.0 and x_range[1] >= 1.0
+        assert y_range[0] < 0.0 and y_range[1] >= 1.0
+
+
 def test_the_cost_stated_is_the_forward_passes_made(cache, model, images_forwarded) -> None:
     panel = make_panel(cache, model)
     announced = stated_cost(panel)
@@ -164,6 +185,7 @@ def test_without_a_model_the_panel_says_how_to_attach_one(cache) -> None:
     panel = MetricsPanel(ExplorerState(cache), ModelLink(None, None))
     assert "Explorer.from_model" in panel.status.value and "Explorer(cache, model=" in panel.status.value
     assert panel.button.layout.display == "none" and panel.body.layout.display == "none"
+    assert panel.intro.layout.display == "none"  # no button, so nothing to explain
     panel.state.update(layer="features.1", top_k=2)  # following the selection raises nothing
     assert panel.compute() is None
     assert "no model is attached" in panel.message.value

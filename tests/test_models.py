@@ -12,6 +12,7 @@ from scorecam_explorer.models import (
     available_models,
     from_module,
     imagenet_class_names,
+    load_architecture,
     load_model,
     weights_fingerprint,
 )
@@ -199,3 +200,16 @@ def test_an_untargetable_layer_error_says_why_with_the_shape(tiny_cnn) -> None:
     model = from_module(tiny_cnn, input_size=32)
     with pytest.raises(UnknownLayerError, match=r"'classifier' .* outputs shape \(1, 10\), not a 4-D"):
         model.check_layer("classifier")
+
+
+@pytest.mark.parametrize("name", ["resnet18", DEFAULT_MODEL])
+def test_load_architecture_has_the_layers_of_the_model_and_leaves_the_random_state(name: str) -> None:
+    expected = load_model(name, weights=None)
+    before = torch.random.get_rng_state()
+    architecture = load_architecture(name)  # "DEFAULT" weights: never fetched (offline here)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert architecture.layers(listed_only=False) == expected.layers(listed_only=False)
+    assert architecture.default_layer == expected.default_layer
+    assert architecture.preprocessing == expected.preprocessing
+    with pytest.raises(WeightsUnavailableError, match="no weights 'bogus'"):
+        load_architecture("resnet18", "bogus")

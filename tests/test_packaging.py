@@ -75,3 +75,20 @@ def test_every_public_name_resolves() -> None:
 
     for name in scorecam_explorer.__all__:
         assert getattr(scorecam_explorer, name) is not None, name
+
+
+def test_readme_names_every_notebook() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Notebooks", 1)[1].split("\n## ", 1)[0]
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        assert f"`{notebook.stem}`" in section or f"notebooks/{notebook.stem}`" in section, notebook.stem
+
+
+def test_readme_command_lines_show_the_app_and_map_options() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    app = block.split("scorecam-explorer app", 1)[1].split("scorecam-explorer evaluate", 1)[0]
+    for option in ("--model", "--weights", "--image", "--layer", "--convention", "--cache", "--recompute", "--host",
+                   "--port", "--no-browser"):
+        assert option in app, option
+    assert "port 8866 by default" in readme

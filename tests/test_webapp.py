@@ -22,6 +22,7 @@ from scorecam_explorer import cli, webapp
 from scorecam_explorer.cache import load_cache, save_cache
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import CacheError, ScorecamError, UnknownModelError
+from scorecam_explorer.serving.status import ENV_APP_STATUS
 
 
 @pytest.fixture
@@ -154,14 +155,46 @@ def test_a_cache_given_by_path_alone_is_served_as_it_is_without_the_model(tiny_m
     assert tiny_models == []  # no model loaded
 
 
-def test_weights_given_with_a_cache_path_are_checked_not_ignored(tiny_models, tmp_path, pictures, monkeypatch, capsys) -> None:
+class FakeServer:
+    """Stands in for :class:`webapp.AppServer`: records what the command reports."""
+
+    def __init__(self) -> None:
+        self.statuses: list = []
+        self.expected = None
+
+    def expect(self, candidate, **kwargs) -> None:
+        self.expected = candidate
+
+    def report(self, status) -> None:
+        self.statuses.append(status)
+
+    def ready(self, prepared, **kwargs) -> None:
+        self.statuses.append(("ready", prepared.path, kwargs))
+
+    def fail(self, message: str) -> None:
+        self.statuses.append(("failed", message))
+
+    def wait(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def fake_server(monkeypatch) -> FakeServer:
+    import contextlib
+
+    server = FakeServer()
+    monkeypatch.setattr(webapp, "app_server", lambda *args, **kwargs: contextlib.nullcontext(server))
+    return server
+
+
+def test_weights_given_with_a_cache_path_are_checked_not_ignored(tiny_models, tmp_path, pictures, fake_server, capsys) -> None:
     path = save_cache(compute_cache(tiny_model(), pictures[0], ["features.4"], progress=False), tmp_path / "c.zarr")
-    monkeypatch.setattr(webapp, "serve", lambda *args, **kwargs: 0)
     tiny_models.clear()
     status = cli.main(["app", "--cache", str(path), "--weights", "3", "--no-browser", "--port", str(webapp.free_port())])
     # the default model is loaded with those weights (the test registry knows only "tiny": refused)
     assert status == 2 and tiny_models == [("efficientnet_lite0", "3")]
     assert "efficientnet_lite0" in capsys.readouterr().err
+    assert fake_server.statuses[-1][0] == "failed" and "efficientnet_lite0" in fake_server.statuses[-1][1]  # the page says it too
 
 
 # ---- ports and Voila ------------------------------------------------------------------------
@@ -202,13 +235,14 @@ def test_missing_voila_says_how_to_install_the_extra(monkeypatch, capsys) -> Non
 def test_voila_runs_this_interpreter_on_localhost(tmp_path) -> None:
     data_dir = webapp.write_kernel_spec(tmp_path)
     spec = json.loads((data_dir / "kernels" / "python3" / "kernel.json").read_text())
-    assert spec["argv"][0] == sys.executable
+    assert spec["argv"][:3] == [sys.executable, "-m", "scorecam_explorer.serving.kernel"]
     command = webapp.voila_command(webapp.notebook_path(), 9999)
-    assert command[:3] == [sys.executable, "-m", "voila"] and "--port=9999" in command
+    assert command[:3] == [sys.executable, "-m", "scorecam_explorer.serving.voila_main"] and "--port=9999" in command
     assert "--Voila.ip=127.0.0.1" in command and "--no-browser" in command
-    env = webapp.app_environment(tmp_path / "c.zarr", model_name="tiny", weights=None, jupyter_dir=data_dir, base={})
-    assert env[webapp.ENV_APP_CACHE] == str((tmp_path / "c.zarr").resolve())
-    assert env[webapp.ENV_APP_WEIGHTS] == "none" and env["JUPYTER_PATH"] == str(data_dir)
+    assert "--KernelManager.transport=ipc" in command  # kernels on Unix sockets, not TCP ports
+    env = webapp.app_environment(tmp_path / "status.json", jupyter_dir=data_dir, base={webapp.ENV_APP_CACHE: "old"})
+    assert env[ENV_APP_STATUS] == str((tmp_path / "status.json").resolve())
+    assert webapp.ENV_APP_CACHE not in env and env["JUPYTER_PATH"] == str(data_dir)
     assert webapp.notebook_path().is_file()
 
 
@@ -250,29 +284,33 @@ def test_app_command_serves_the_explorer_until_stopped(tmp_path, pictures) -> No
     path = save_cache(compute_cache(tiny_model(), pictures[0], ["features.4"], progress=False), tmp_path / "c.zarr")
     port = webapp.free_port()
     env = {**os.environ, webapp.ENV_CACHE_DIR: str(tmp_path / "home")}
-    process = subprocess.Popen(
-        [*_console_script(), "app", "--no-browser", "--port", str(port), "--cache", str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log_path = tmp_path / "app.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [*_console_script(), "app", "--no-browser", "--port", str(port), "--cache", str(path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
-        answered = False
-        while time.monotonic() < deadline and process.poll() is None and not answered:
-            try:
-                with urllib.request.urlopen(webapp.static_url(port), timeout=2) as response:
-                    answered = response.status == 200
-            except OSError:
-                time.sleep(0.5)
-        assert answered, f"the app did not answer on port {port}"
+        # serving: the URL is printed once Voila answers, the cache line once it is ready
+        while time.monotonic() < deadline and process.poll() is None:
+            output = log_path.read_text()
+            if f"http://127.0.0.1:{port}/" in output and "opened as it is" in output:
+                break
+            time.sleep(0.3)
+        with urllib.request.urlopen(webapp.static_url(port), timeout=10) as response:
+            assert response.status == 200
         process.send_signal(signal.SIGINT)  # Ctrl-C
-        output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert f"http://127.0.0.1:{port}/" in output and "opened as it is" in output
+    output = log_path.read_text()
+    assert f"http://127.0.0.1:{port}/" in output and "opened as it is" in output, output
+    assert "without encryption" not in output and "is not trusted" not in output, output  # quiet logs
     webapp.check_port(port)  # Voila stopped with it: the port is free again

@@ -12,16 +12,15 @@ if TYPE_CHECKING:  # the models import torch; commands that read a cache must st
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+WEIGHTS_HELP = "DEFAULT (pretrained), a torchvision weights name, a local .pth state dict, or 'none' for random weights"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights_help: str = WEIGHTS_HELP) -> None:
     """``--model NAME`` and ``--weights DEFAULT|PATH|none``."""
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL}; see `scorecam-explorer models`)"
     )
-    parser.add_argument(
-        "--weights",
-        default="DEFAULT",
-        help="DEFAULT (pretrained), a torchvision weights name, a local .pth state dict, or 'none' for random weights",
-    )
+    parser.add_argument("--weights", default="DEFAULT", help=weights_help)
 
 
 def model_from_arguments(args: argparse.Namespace) -> LoadedModel:
@@ -30,3 +29,12 @@ def model_from_arguments(args: argparse.Namespace) -> LoadedModel:
 
     weights = None if str(args.weights).lower() == "none" else args.weights
     return load_model(args.model, weights=weights)
+
+
+def architecture_from_arguments(args: argparse.Namespace) -> LoadedModel:
+    """The architecture of the model the arguments name, with random weights: no weights are
+    read or downloaded (a torchvision weights name only picks the input size)."""
+    from scorecam_explorer.models import load_architecture
+
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    return load_architecture(args.model, weights=weights)

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="class index or class name, case-insensitive (default: each image's top-1 class)",
     )
     parser.add_argument("--preset", default="paper", help=f"weighting preset: {', '.join(PRESETS)} (default: paper)")
-    parser.add_argument("--top-k", type=int, help="keep only the K channels of largest weight")
+    parser.add_argument(
+        "--top-k", type=int, metavar="K", help="keep only the K channels of largest weight (1 to the layer's channels)"
+    )
     parser.add_argument(
         "--image", help="image id or index in the cache (needed for a PNG when the cache holds several)"
     )
@@ -81,7 +83,7 @@ def picture_of(cache, image: int | str):
 
 def run(args: argparse.Namespace) -> int:
     from scorecam_explorer.cache import load_cache
-    from scorecam_explorer.compose import cached_layers, scorecam
+    from scorecam_explorer.compose import cached_layers, check_top_k, scorecam
     from scorecam_explorer.overlay import save_overlay, write_atomically
     from scorecam_explorer.presets import get_preset
 
@@ -97,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     cache = load_cache(args.cache)
     layer = args.layer or cached_layers(cache)[-1]
+    if args.top_k is not None and layer in cached_layers(cache):  # an unknown layer is refused by scorecam
+        check_top_k(args.top_k, cache[layer].sizes["channel"], layer, "--top-k")
     image_ids = [str(i) for i in cache["image"].values]
     image = _image(args.image, image_ids)
     if suffix == ".png" and image is None:

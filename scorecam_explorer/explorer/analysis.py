@@ -1,14 +1,18 @@
 r"""Array work the explorer needs beyond :mod:`scorecam_explorer.compose` (numpy, no torch).
 
 * :func:`channel_mask`: the mask H_k that multiplied the input for channel k, rebuilt from the
-  cached activation under the cache's mask convention.
-* :func:`masked_picture`: the masked input X * H_k, shown as a picture.
+  cached activation under the cache's mask convention, in float32 as the engine built it
+  (all zero for a channel the cache flags constant).
+* :func:`masked_picture`: the masked input X∘H_k, shown as a picture.
 * :func:`fidelity_curve`: how close the map of the k heaviest channels is to the full map,
   as a Pearson correlation, for every k at once.
-* :func:`pearson`: the correlation of two maps.
+* :func:`pearson`: the correlation of two maps (NaN when one is constant: the metrics' rule),
+  and :func:`describe_r` to show it.
 * :func:`top_predictions`: the classes the model ranks highest on the unmasked input.
 
-Everything reads a cache (``docs/cache.md``) and returns DataArrays with named dims.
+Everything reads a cache (``docs/cache.md``) and returns DataArrays with named dims; the
+numpy maths (the engine's float32 masks, Pearson's r, the cumulative top-k correlations) is
+:mod:`scorecam_explorer.kernels`, shared with compose and the metrics.
 """
 
 from __future__ import annotations
@@ -19,15 +23,31 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from scorecam_explorer.cache import convention_fields
 from scorecam_explorer.compose import cached_layers, channel_weights, scorecam
-from scorecam_explorer.errors import CacheError, ScorecamError, UnknownLayerError, did_you_mean
+from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
+from scorecam_explorer.kernels import cumulative_fidelity, engine_mask, pearson, rank_order, softmax
 from scorecam_explorer.presets import get_preset
-from scorecam_explorer.resize import interpolation_matrix, resize_bilinear
+
+__all__ = [
+    "activation",
+    "channel_mask",
+    "class_probabilities",
+    "describe_r",
+    "engine_mask",
+    "fidelity_curve",
+    "fidelity_from_arrays",
+    "layer_node",
+    "mask_convention",
+    "masked_picture",
+    "pearson",
+    "picture",
+    "top_predictions",
+]
 
 # Presets that apply ReLU after upsampling need every top-k map at input resolution: the
-# curve is then computed at this many k at most (see fidelity_curve), this many pixels at once.
+# curve is then computed at this many k at most (see fidelity_curve).
 _SAMPLED_POINTS = 32
-_UPSAMPLE_BLOCK_PIXELS = 2_000_000
 
 
 # ---- reading the cache ------------------------------------------------------------------
@@ -35,11 +55,7 @@ _UPSAMPLE_BLOCK_PIXELS = 2_000_000
 
 def mask_convention(cache: xr.DataTree) -> dict[str, Any]:
     """The cache's mask convention as a dict (name, align_corners, normalize, eps)."""
-    text = cache.attrs.get("mask_convention", "{}")
-    try:
-        return dict(json.loads(text)) if isinstance(text, str) else dict(text)
-    except (ValueError, TypeError) as error:
-        raise CacheError(f"the cache's mask_convention attribute is not JSON: {error}.") from None
+    return convention_fields(cache)
 
 
 def picture(cache: xr.DataTree, image: int = 0) -> xr.DataArray:
@@ -68,10 +84,8 @@ def top_predictions(cache: xr.DataTree, image: int = 0, count: int = 10) -> xr.D
     p = softmax(f(X)) over classes. Dims (rank); coords ``class`` (index), ``class_name``;
     values are the probabilities.
     """
-    logits = cache["logits"].isel(image=image).values.astype(np.float64)
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    order = np.argsort(-probabilities, kind="stable")[: max(1, int(count))]
+    probabilities = class_probabilities(cache, image)
+    order = rank_order(probabilities)[: max(1, int(count))]
     names = cache["class_name"].values
     return xr.DataArray(
         probabilities[order],
@@ -83,48 +97,33 @@ def top_predictions(cache: xr.DataTree, image: int = 0, count: int = 10) -> xr.D
 
 def class_probabilities(cache: xr.DataTree, image: int = 0) -> np.ndarray:
     """softmax(f(X)) over all classes for one image (float64)."""
-    logits = cache["logits"].isel(image=image).values.astype(np.float64)
-    probabilities = np.exp(logits - logits.max())
-    return probabilities / probabilities.sum()
+    return softmax(cache["logits"].isel(image=image).values.astype(np.float64))
 
 
 # ---- one channel ------------------------------------------------------------------------
 
 
-def _min_max(maps: np.ndarray, eps: float) -> np.ndarray:
-    """(M - min M) / (max M - min M + eps) over the last two axes; exactly 0 where constant."""
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - low
-    safe = np.where(span > 0, span + eps, 1.0)
-    return np.where(span > 0, (maps - low) / safe, 0.0)
-
-
 def channel_mask(cache: xr.DataTree, layer: str, channel: int, image: int = 0) -> xr.DataArray:
-    r"""The mask H_k of channel ``channel`` at input resolution, in [0, 1]: dims (y, x).
+    r"""The mask H_k of channel ``channel`` at input resolution, in [0, 1]: dims (y, x), float32.
 
-    As the cache's mask convention built it (see :mod:`scorecam_explorer.conventions`):
-
-        after_upsample:   H_k = (U - min U) / (max U - min U + eps),  U = Up(A_k)
-        before_upsample:  H_k = Up((A_k - min A_k) / (max A_k - min A_k + eps))
-
-    with Up bilinear (the convention's align_corners) and H_k = 0 for a constant map.
-    Computed in float64; the engine's float32 masks agree to about 1e-6.
+    The mask the engine forwarded, as the cache's mask convention built it (see
+    :mod:`scorecam_explorer.conventions` and :func:`engine_mask`): float32, rounded as the
+    engine rounds, and all zero for a channel the cache flags ``constant`` (the engine
+    forwarded no mask of its own for it: its score is the baseline's). A channel that is
+    nearly constant is thus shown as it was scored, not as a float64 rebuild would
+    stretch its rounding noise to [0, 1].
     """
     maps = activation(cache, layer, image)
     n_channels = maps.sizes["channel"]
     if not 0 <= int(channel) < n_channels:
         raise ScorecamError(f"channel {channel} is out of range: layer {layer!r} has channels 0..{n_channels - 1}.")
-    values = maps.isel(channel=int(channel)).values.astype(np.float64)
-    convention = mask_convention(cache)
-    align = bool(convention.get("align_corners", False))
-    eps = float(convention.get("eps", 0.0))
+    constant = bool(layer_node(cache, layer)["constant"].isel(image=image, channel=int(channel)).values)
     size = (cache.dataset.sizes["y"], cache.dataset.sizes["x"])
-    if convention.get("normalize", "after_upsample") == "before_upsample":
-        normalised = _min_max(values, eps)
-        mask = normalised if normalised.shape == size else resize_bilinear(normalised, size, align_corners=align)
-    else:
-        mask = _min_max(resize_bilinear(values, size, align_corners=align), eps)
-    return xr.DataArray(mask, dims=("y", "x"), name="mask", attrs={"layer": layer, "channel": int(channel)})
+    values = maps.isel(channel=int(channel)).values
+    mask = engine_mask(values, size, mask_convention(cache), constant)
+    return xr.DataArray(
+        mask, dims=("y", "x"), name="mask", attrs={"layer": layer, "channel": int(channel), "constant": int(constant)}
+    )
 
 
 def _preprocessing(cache: xr.DataTree) -> dict[str, Any] | None:
@@ -137,9 +136,9 @@ def _preprocessing(cache: xr.DataTree) -> dict[str, Any] | None:
 
 
 def masked_picture(cache: xr.DataTree, mask: xr.DataArray, image: int = 0) -> xr.DataArray:
-    r"""The masked input X * H_k shown as a picture: uint8 (y, x, rgb).
+    r"""The masked input X∘H_k shown as a picture: uint8 (y, x, rgb).
 
-    Pixels are (X * H_k * std + mean) * 255, so a masked-out pixel (H = 0) shows the mean
+    Pixels are (X∘H_k * std + mean) * 255, so a masked-out pixel (H = 0) shows the mean
     colour the model sees as "nothing". Without recorded preprocessing, X is mapped to
     [0, 255] with the range of the unmasked input.
     """
@@ -160,59 +159,15 @@ def masked_picture(cache: xr.DataTree, mask: xr.DataArray, image: int = 0) -> xr
 # ---- comparing maps ---------------------------------------------------------------------
 
 
-def pearson(first: xr.DataArray | np.ndarray, second: xr.DataArray | np.ndarray) -> float:
-    r"""Pearson's r of two maps over their pixels; 0 when either map is constant.
-
-    r = sum (a - mean a)(b - mean b) / sqrt(sum (a - mean a)^2 sum (b - mean b)^2). A
-    constant map (e.g. all zero after ReLU) has no variance; it shares nothing with the
-    other map, so r is taken as 0 rather than undefined.
-    """
-    a = np.asarray(getattr(first, "values", first), dtype=np.float64).ravel()
-    b = np.asarray(getattr(second, "values", second), dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ScorecamError(f"cannot correlate maps of {a.size} and {b.size} pixels: resize one first.")
-    a = a - a.mean()
-    b = b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+def describe_r(r: float, digits: int = 3) -> str:
+    """``r`` for display: ``"0.873"``, or ``"undefined (constant map)"`` for NaN."""
+    return "undefined (constant map)" if not np.isfinite(r) else f"{r:.{digits}f}"
 
 
 def _align_corners(cache: xr.DataTree, preset_align: bool | None) -> bool:
     if preset_align is not None:
         return preset_align
     return bool(mask_convention(cache).get("align_corners", False))
-
-
-def _correlations_after_upsampling(
-    relu_maps: np.ndarray, full_map: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
-    r"""r(Up(R_k), M) for feature maps R_k (k, fy, fx), without upsampling any of them.
-
-    Up(R) = Ry R Rx^T is linear, so with n = H W input pixels
-        sum Up(R)         = <Ry^T 1 1^T Rx, R>
-        sum Up(R)^2       = <Gy R Gx, R>,   Gy = Ry^T Ry, Gx = Rx^T Rx
-        sum Up(R) * M     = <Ry^T M Rx, R>
-    and r follows from these sums. Maps R_k that are constant get r = 0 (see :func:`pearson`).
-    """
-    n = full_map.size
-    count, height, width = relu_maps.shape
-    column_sums = np.outer(rows.sum(axis=0), cols.sum(axis=0)).ravel()
-    flat = relu_maps.reshape(count, height * width)
-    sums = flat @ column_sums
-    # Gy R_k Gx for every k as two plain matrix products (no stacked small products).
-    right = (relu_maps.reshape(count * height, width) @ (cols.T @ cols)).reshape(count, height, width)
-    both = np.tensordot(rows.T @ rows, right, axes=(1, 1)).transpose(1, 0, 2).reshape(count, height * width)
-    squares = np.einsum("kp,kp->k", both, flat)
-    cross = flat @ (rows.T @ full_map @ cols).ravel()
-    full_centred = full_map - full_map.mean()
-    full_variance = (full_centred**2).sum()
-    variance = squares - sums**2 / n
-    covariance = cross - sums * full_map.mean()
-    # A map that is constant in theory can leave rounding noise in `variance`.
-    constant = np.ptp(flat, axis=1) == 0
-    valid = (~constant) & (variance > 0) & (full_variance > 0)
-    safe = np.where(valid, variance * full_variance, 1.0)
-    return np.where(valid, covariance / np.sqrt(safe), 0.0)
 
 
 def _sampled_ks(count: int, limit: int) -> np.ndarray:
@@ -251,7 +206,8 @@ def fidelity_curve(
     Up of every cumulative sum: r is computed at up to 32 values of k (all of them for up
     to 32 channels; else every k up to 16, then geometrically spaced, and the last one),
     in float32 with float64 sums (r to about 1e-6); ``max_points`` sets another number (and
-    then also samples the other presets). An all-zero top-k map has r = 0.
+    then also samples the other presets). An all-zero top-k map has r = NaN (undefined, as
+    in :func:`pearson` and ``topk_fidelity``).
 
     Returns dims (k) with coordinate ``channel``: the channel added at step k; attrs
     ``layer``, ``preset``, ``switched_off`` (count), ``complete`` (every k present).
@@ -293,37 +249,13 @@ def fidelity_from_arrays(
     on[off] = False
     if not on.any():
         raise ScorecamError("every channel is switched off: there is no map to compare; reset some channels.")
-    order = np.argsort(np.where(on, -weights, np.inf), kind="stable")[: int(on.sum())]
-    cumulative = np.cumsum(weights[order, None, None] * maps[order].astype(np.float64), axis=0)  # (k, fy, fx)
-    full = np.asarray(full, dtype=np.float64)
-    height, width = full.shape
-    rows = interpolation_matrix(maps.shape[-2], height, align_corners=align_corners)
-    cols = interpolation_matrix(maps.shape[-1], width, align_corners=align_corners)
-
+    order = rank_order(weights, on)[: int(on.sum())]
     if relu_at == "feature" and max_points is None:
         ks = np.arange(1, len(order) + 1)
-        values = _correlations_after_upsampling(np.maximum(cumulative, 0.0), full, rows, cols)
+        values = cumulative_fidelity(weights, maps, full, order, None, align_corners=align_corners)
     else:
         ks = _sampled_ks(len(order), max_points or _SAMPLED_POINTS)
-        values = np.empty(len(ks))
-        block = max(1, _UPSAMPLE_BLOCK_PIXELS // (height * width))
-        # float32 maps with float64 sums: r to about 1e-6, at half the memory traffic.
-        rows32, cols32 = rows.astype(np.float32), cols.astype(np.float32)
-        full_centred = (full - full.mean()).ravel().astype(np.float32)
-        full_norm = np.sqrt(np.einsum("p,p->", full_centred, full_centred, dtype=np.float64))
-        for start in range(0, len(ks), block):
-            chunk = cumulative[ks[start : start + block] - 1].astype(np.float32)
-            if relu_at == "feature":
-                upsampled = rows32 @ np.maximum(chunk, 0.0) @ cols32.T
-            else:
-                upsampled = np.maximum(rows32 @ chunk @ cols32.T, 0.0)
-            flat = upsampled.reshape(len(chunk), -1)
-            flat -= flat.mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-            norms = np.sqrt(np.einsum("kp,kp->k", flat, flat, dtype=np.float64)) * full_norm
-            cross = np.einsum("kp,p->k", flat, full_centred, dtype=np.float64)
-            constant = np.ptp(chunk.reshape(len(chunk), -1), axis=1) == 0
-            valid = (norms > 0) & ~constant
-            values[start : start + block] = np.where(valid, cross / np.where(valid, norms, 1.0), 0.0)
+        values = cumulative_fidelity(weights, maps, full, order, ks, relu_at=relu_at, align_corners=align_corners)
     return xr.DataArray(
         values,
         dims=("k",),

@@ -1,4 +1,4 @@
-"""The :class:`Explorer`: every panel over one cache, laid out for a notebook column.
+"""The :class:`Explorer`: every panel over one cache, laid out for a notebook column or a wide page.
 
 ::
 
@@ -30,10 +30,22 @@ from scorecam_explorer.explorer.model_link import ModelLink, ModelSource
 from scorecam_explorer.explorer.plotly_loader import PlotlyBundle
 from scorecam_explorer.explorer.recomposer_panel import RecomposerPanel
 from scorecam_explorer.explorer.state import ExplorerState
+from scorecam_explorer.figures.style import COLUMN_WIDTH
 
-MAX_WIDTH = "920px"
-"""The explorer fills its column up to this width; in a narrower one the map and recompose
-panels stack and the full-width figures scroll sideways."""
+PANEL_WIDTH = 450
+"""Width in pixels of the Map and of the Recompose panel (a half-width figure and its controls)."""
+GAP = 12
+"""Pixels between two columns."""
+NARROW_WIDTH = 2 * PANEL_WIDTH + GAP
+"""One column, as in a notebook: Map and Recompose side by side, everything else under them."""
+WIDE_WIDTH = PANEL_WIDTH + GAP + COLUMN_WIDTH + 4 + 8 + 8
+"""The widest the explorer grows (padding and a little slack included): the Map and Recompose
+column beside the Channels column."""
+MAX_WIDTH = f"{WIDE_WIDTH}px"
+"""The explorer fills its column up to this width. From about WIDE_WIDTH pixels on (a wide
+page, Voila) the Channels panel sits beside the Map and Recompose column; in a narrower one
+(a notebook) everything is one column: Map and Recompose side by side up to NARROW_WIDTH, then
+stacked, and the full-width figures scroll sideways."""
 
 
 def _heading(text: str, help_text: str = "") -> widgets.HTML:
@@ -42,6 +54,25 @@ def _heading(text: str, help_text: str = "") -> widgets.HTML:
         f"<div style='font-size:15px;font-weight:600;margin:14px 0 4px 0;border-bottom:1px solid #ddd;"
         f"padding-bottom:3px'>{html.escape(text)}{helper}</div>"
     )
+
+
+def _section(title: str, help_text: str, body: widgets.Widget, width: int) -> widgets.VBox:
+    """A heading over a panel, ``width`` pixels wide at most (less in a narrower column)."""
+    return widgets.VBox(
+        [_heading(title, help_text), body], layout=widgets.Layout(width=f"{width}px", max_width="100%", flex="0 1 auto")
+    )
+
+
+def _wrapping(**options: str) -> widgets.Layout:
+    """A row whose items move to the next line when the column is too narrow for them, with
+    :data:`GAP` pixels between two items on one line (none at the ends of a line)."""
+    return widgets.Layout(flex_flow="row wrap", align_items="flex-start", grid_gap=f"0 {GAP}px", **options)
+
+
+def masks_text(convention: str) -> str:
+    """The cache's mask convention in words: the preset below reweighs those masks, it does
+    not rebuild them."""
+    return f"masks built with the “{convention}” convention when the cache was computed"
 
 
 class Explorer:
@@ -127,33 +158,40 @@ class Explorer:
     # ---- layout -------------------------------------------------------------------------
 
     def _layout(self) -> widgets.VBox:
+        """Title and controls, then two columns that wrap: Map and Recompose | Channels; then
+        Compare and Metrics. Wrapping is the browser's (CSS flex-wrap), so the same widgets
+        fit a narrow notebook column and a wide page."""
         cache = self.state.cache
         title = widgets.HTML(
             "<div style='font-size:19px;font-weight:600'>Score-CAM explorer</div>"
-            f"<div style='font-size:12px;color:#666'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
-            f"{html.escape(', '.join(self.state.image_ids))} · masks: "
-            f"{html.escape(self._convention_name())} · every map below is recomposed from the cache, "
-            "no forward pass</div>"
+            f"<div style='font-size:12px;color:#666;line-height:1.5'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
+            f"{html.escape(', '.join(self.state.image_ids))} · "
+            f"{html.escape(masks_text(self._convention_name()))} · every map below is recomposed from the cache, "
+            "with no forward pass</div>"
+        )
+        maps = widgets.HBox(
+            [
+                _section("Map", "the map over the photo", self.map.widget, PANEL_WIDTH),
+                _section("Recompose", "keep the k heaviest channels", self.recomposer.widget, PANEL_WIDTH),
+            ],
+            # Grows from one panel's width: beside the Channels column on a wide page (the two
+            # panels then stack), alone on its row in a notebook (side by side up to NARROW_WIDTH).
+            layout=_wrapping(flex=f"1 1 {PANEL_WIDTH}px", max_width=f"{NARROW_WIDTH}px"),
+        )
+        self.columns = widgets.HBox(
+            [maps, _section("Channels", "every channel's weight; click one to inspect it", self.channels.widget, COLUMN_WIDTH + 4)],
+            layout=_wrapping(width="100%"),
+        )
+        below = widgets.HBox(
+            [
+                _section("Compare", "two maps and their difference", self.compare.widget, COLUMN_WIDTH + 4),
+                _section("Metrics", "deletion and insertion of the map shown; needs the model", self.metrics.widget,
+                         NARROW_WIDTH),
+            ],
+            layout=_wrapping(width="100%"),
         )
         return widgets.VBox(
-            [
-                self.plotly,
-                title,
-                self.controls.widget,
-                widgets.HBox(
-                    [
-                        widgets.VBox([_heading("Map", "the map over the photo"), self.map.widget]),
-                        widgets.VBox([_heading("Recompose", "keep the k heaviest channels"), self.recomposer.widget]),
-                    ],
-                    layout=widgets.Layout(flex_flow="row wrap"),
-                ),
-                _heading("Channels", "every channel's weight; click one to inspect it"),
-                self.channels.widget,
-                _heading("Compare", "two maps and their difference"),
-                self.compare.widget,
-                _heading("Metrics", "deletion and insertion of the map shown; needs the model"),
-                self.metrics.widget,
-            ],
+            [self.plotly, title, self.controls.widget, self.columns, below],
             layout=widgets.Layout(width="100%", max_width=MAX_WIDTH, padding="4px"),
         )
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState, Selection
-from scorecam_explorer.figures import SORT_KEYS, channel_bar_spec, channel_detail_spec, gallery_spec
-from scorecam_explorer.figures.channels import STATUS_LEGEND
+from scorecam_explorer.figures import SORT_KEYS, channel_bar_spec, channel_detail_spec, gallery_spec, style
+from scorecam_explorer.figures.channels import STATUS_LEGEND, bar_window, visible_bar_count
 
 CLICK_MODES = {"inspect": "inspect it", "toggle": "switch it off / on"}
 """What a click on a bar does."""
@@ -26,7 +26,18 @@ def legend_html() -> str:
         f"{html.escape(meaning)}</span>"
         for fill, outline, meaning in STATUS_LEGEND
     )
-    return f"<div style='font-size:12px;color:#444;margin:2px 0 0 4px;line-height:1.6'>{swatches}</div>"
+    note = (
+        "<span style='color:#666'>Hover a bar for its numbers. A share of the map below 0 is no error: "
+        "that channel's w_k·A_k is negative where the map is positive, so it takes away from the map.</span>"
+    )
+    return f"<div style='font-size:12px;color:#444;margin:2px 0 0 4px;line-height:1.6'>{swatches}<br>{note}</div>"
+
+
+def share_note(share: float) -> str:
+    """What the inspected channel's share of the map means (a negative one explained)."""
+    if share < 0:
+        return "negative: its w_k·A_k is negative where the map is positive, so it takes away from the map"
+    return "its part of the map after ReLU"
 
 
 class ChannelsPanel(Panel):
@@ -51,16 +62,22 @@ class ChannelsPanel(Panel):
             description="Click a bar to",
             options=[(label, key) for key, label in CLICK_MODES.items()],
             value="inspect",
-            style={"button_width": "150px", "description_width": "initial"},
+            style={"button_width": "130px", "description_width": "initial"},
         )
         self.toggle = widgets.Button(layout=widgets.Layout(width="190px"))
         self.scores = widgets.HTML()
         self.legend = widgets.HTML(legend_html())
         self._order = state.order(selection)
+        # The bar chart's x range (ranks) when the layer has more bars than fit, and what it
+        # was chosen for; a click keeps it (the user is looking there), a typed channel
+        # beyond it moves it.
+        self._window: list[float] | None = None
+        self._window_for: tuple | None = None
+        self._clicking = False
         self.bars = LiveFigure(self._bar_spec(selection))
         self.detail = LiveFigure(self._detail_spec(selection))
         self.gallery = LiveFigure(self._gallery_spec(selection))
-        self.bars.widget.data[0].on_click(self._on_bar_click)
+        self.bars.widget.on_point_click(self._on_bar_click)
         self.sort_by.observe(lambda change: self.apply(sort_by=change["new"]), names="value")
         self.channel.observe(lambda change: self.apply(channel=int(change["new"])), names="value")
         self.toggle.on_click(lambda _button: self.toggle_channel(self.state.selection.channel))
@@ -68,7 +85,7 @@ class ChannelsPanel(Panel):
         self._widget = widgets.VBox(
             [
                 widgets.HBox([self.sort_by], layout=wrap),
-                widgets.HBox([self.channel, self.toggle, self.click_mode], layout=wrap),
+                widgets.HBox([self.click_mode, self.channel, self.toggle], layout=wrap),
                 self.message,
                 self.legend,
                 scrolling(self.bars.widget),
@@ -85,6 +102,20 @@ class ChannelsPanel(Panel):
 
     # ---- figures ------------------------------------------------------------------------
 
+    def _bar_window(self, selection: Selection, n_channels: int) -> list[float] | None:
+        """The chart's x range: the heaviest channels first, then wherever a typed channel
+        number (not a click) takes it; None when every bar fits."""
+        visible = visible_bar_count(n_channels, style.COLUMN_WIDTH)
+        if visible >= n_channels:
+            return None
+        rank = int(np.flatnonzero(self._order == selection.channel)[0]) + 1
+        ordering = (selection.image, selection.layer, selection.target, selection.preset, selection.sort_by)
+        if self._window is None or self._window_for != ordering:
+            self._window, self._window_for = bar_window(n_channels, visible, rank), ordering
+        elif not self._clicking and not self._window[0] < rank < self._window[1]:
+            self._window = bar_window(n_channels, visible, rank)
+        return self._window
+
     def _bar_spec(self, selection: Selection) -> dict:
         contributions = self.state.contributions(selection)
         kept = self.state.kept(selection)
@@ -100,6 +131,7 @@ class ChannelsPanel(Panel):
             switched_off=selection.switched_off,
             kept=kept,
             subtitle=subtitle,
+            window=self._bar_window(selection, total),
         )
 
     def _detail_spec(self, selection: Selection) -> dict:
@@ -130,9 +162,9 @@ class ChannelsPanel(Panel):
             ("score", f"{row['score']:.4g}", html.escape(str(contributions.attrs.get("score_name", "")))),
             ("probability", f"{row['probability']:.2%}", f"p(“{self.state.class_names[selection.target]}” | X∘H_{k})"),
             ("weight", f"{row['weight']:.4g}", f"w_{k}, rank {rank} by {SORT_KEYS[selection.sort_by]}"),
-            ("share of the map", f"{row['share']:.2%}", "its part of the map after ReLU"),
+            ("share of the map", f"{row['share']:.2%}".replace("-", "−"), share_note(row["share"])),
             ("activation variance", f"{row['variance']:.4g}", "what Faster Score-CAM ranks by"),
-            ("status", state + (" · constant (mask all zero)" if constant else ""), ""),
+            ("status", state + (" · flat on this photo: empty mask, no forward pass of its own" if constant else ""), ""),
         ]
         body = "".join(
             f"<tr><td style='padding:1px 10px 1px 0;color:#555'>{name}</td><td style='padding:1px 10px 1px 0'><b>{value}</b></td>"
@@ -169,11 +201,16 @@ class ChannelsPanel(Panel):
         off.symmetric_difference_update({int(channel)})
         self.apply(switched_off=frozenset(off))
 
-    def _on_bar_click(self, _trace, points, _state) -> None:
-        if not points.point_inds:
+    def _on_bar_click(self, trace: int, point: int) -> None:
+        """A click on bar ``point`` (the channel of that rank) inspects or toggles it."""
+        if trace != 0 or not 0 <= point < len(self._order):
             return
-        channel = int(self._order[points.point_inds[0]])
-        if self.click_mode.value == "toggle":
-            self.toggle_channel(channel)
-        else:
-            self.apply(channel=channel)
+        channel = int(self._order[point])
+        self._clicking = True
+        try:
+            if self.click_mode.value == "toggle":
+                self.toggle_channel(channel)
+            else:
+                self.apply(channel=channel)
+        finally:
+            self._clicking = False

@@ -2,7 +2,8 @@
 
 Compare two presets, two layers or two classes (full maps, every channel, for the current
 picture and the other current choices), or, when a model is attached, Score-CAM against the
-gradient methods Grad-CAM and Grad-CAM++ (:mod:`scorecam_explorer.baselines`).
+gradient methods of the registry (:mod:`scorecam_explorer.methods`: Grad-CAM, Grad-CAM++ and
+any gradient method registered since), read each time the choices are set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ MODES = {"presets": "two presets", "layers": "two layers", "classes": "two class
 """What Compare can put side by side ("methods" only with a model)."""
 
 SCORECAM = "scorecam"
+
+
+def method_label(key: str) -> str:
+    """The label of a gradient method (:data:`BASELINE_METHODS`), or the key itself."""
+    return BASELINE_METHODS.get(key, key)
 
 
 class ComparePanel(Panel):
@@ -86,8 +92,6 @@ class ComparePanel(Panel):
             others = [values[index - 1]] if index > 0 else others
         if mode == "presets":  # "official" weighs channels differently from the softmax presets
             others = [p for p in ("official", "paper") if p != current] + others
-        if mode == "methods":
-            others = ["gradcam"]
         return current, (others[0] if others else current)
 
     def _set_choices(self, mode: str, *, keep: bool = False) -> None:
@@ -129,8 +133,8 @@ class ComparePanel(Panel):
             except ScorecamError:
                 raise
             except Exception as error:  # noqa: BLE001 - shown in the panel, never raised into the notebook
-                raise ScorecamError(f"{BASELINE_METHODS[choice]} failed: {error_text(error)}") from error
-        return self._gradient_maps[key], f"{BASELINE_METHODS[choice]} · {s.layer}"
+                raise ScorecamError(f"{method_label(choice)} failed: {error_text(error)}") from error
+        return self._gradient_maps[key], f"{method_label(choice)} · {s.layer}"
 
     def _spec(self) -> dict:
         s = self.state.selection

@@ -9,6 +9,7 @@ is not cached can be computed here, with a progress bar.
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,6 +37,34 @@ def class_labels(names: list[str]) -> list[str]:
     for name in names:
         seen[name] = seen.get(name, 0) + 1
     return [name if seen[name] == 1 else f"{name} (class {index})" for index, name in enumerate(names)]
+
+
+def flat_channels_text(flat: int, zero: int) -> str:
+    """What the cache's constant channels mean, in words: a flat activation gives an empty
+    mask, whose masked input is the baseline, so it costs no forward pass of its own."""
+    if flat == 0:
+        return "every channel varies over this photo: one forward pass each"
+    many = flat != 1
+    channels, verb, cost = f"{flat} channel{'s' if many else ''}", "are" if many else "is", "cost" if many else "costs"
+    if zero == flat:
+        return f"{channels} {verb} zero on this photo and {cost} no forward pass"
+    of_them = f"{zero} of them zero" if many else "not zero"
+    return f"{channels} {verb} flat (one value everywhere, {of_them}) on this photo and {cost} no forward pass"
+
+
+def layer_caption(state: ExplorerState, layer: str, image: int) -> str:
+    """'1280 channels of 7×7 · 839 channels are zero on this photo and cost no forward pass ·
+    layer 3 of 3 cached, shallow to deep' (HTML)."""
+    node = state.cache[layer]
+    constant = node["constant"].isel(image=image).values.astype(bool)
+    activation = node["activation"].isel(image=image)
+    zero = int((constant & (abs(activation).max(dim=("fy", "fx")).values == 0)).sum())
+    parts = (
+        f"{node.sizes['channel']} channels of {node.sizes['fy']}×{node.sizes['fx']}",
+        flat_channels_text(int(constant.sum()), zero),
+        f"layer {state.layers.index(layer) + 1} of {len(state.layers)} cached, shallow to deep",
+    )
+    return f"<span style='font-size:12px;color:#444'>{' · '.join(html.escape(part) for part in parts)}</span>"
 
 
 class Controls(Panel):
@@ -154,13 +183,7 @@ class Controls(Panel):
             self.target.value = selection.target
             self.preset.value = selection.preset
             self.layer.value = selection.layer
-        node = self.state.cache[selection.layer]
-        constant = int(node["constant"].isel(image=selection.image).sum())
-        self.layer_info.value = (
-            f"<span style='font-size:12px;color:#444'>{node.sizes['channel']} channels · "
-            f"{node.sizes['fy']}×{node.sizes['fx']} · {constant} constant · "
-            f"{self.state.layers.index(selection.layer) + 1} of {len(self.state.layers)} cached</span>"
-        )
+        self.layer_info.value = layer_caption(self.state, selection.layer, selection.image)
         self.preset_info.value = f"<span style='font-size:12px;color:#444'>{PRESET_HELP.get(selection.preset, '')}</span>"
 
     def _on_target(self, change: dict) -> None:

@@ -40,6 +40,21 @@ NO_MODEL = (
     "Explorer(cache, model=model)."
 )
 
+def intro_html(cost: dict[str, int]) -> str:
+    """What the button will compute and how to read it: shown instead of empty plots."""
+    paragraphs = (
+        f"Pressing the button runs the model {sum(cost.values())} times on this picture to test the map shown.",
+        "Deletion removes the pixels the map ranks highest first, 1 % of them at a time, and follows the "
+        "class probability; insertion starts from a blurred picture and puts those pixels back. A faithful "
+        "map makes the deletion curve fall fast (small area under it) and the insertion curve rise fast "
+        "(large area).",
+        "Average drop compares the class probability on the map's most salient half of the picture with "
+        "that on the whole picture (lower is better).",
+    )
+    body = "".join(f"<p style='margin:0 0 6px 0'>{html.escape(text)}</p>" for text in paragraphs)
+    return f"<div style='font-size:13px;color:#444;max-width:640px;line-height:1.45;margin:4px 0 0 4px'>{body}</div>"
+
+
 MapKey = tuple[int, str, int, str, "int | None", frozenset[int]]
 
 
@@ -54,7 +69,7 @@ def forward_pass_cost(height: int, width: int, step_fraction: float = STEP_FRACT
 
     With P = H W pixels and s = max(1, round(step_fraction P)) pixels a step, a curve has
     T + 1 points, T = ceil(P / s), and its metric one more pass for the class (f(X));
-    Average Drop / Increase forwards X and the explanation map X o M.
+    Average Drop / Increase forwards X and the explanation map X∘M.
     """
     n_pixels = int(height) * int(width)
     if not 0.0 < step_fraction <= 1.0:
@@ -151,8 +166,9 @@ class MetricsPanel(Panel):
         self.status = widgets.HTML()
         self.numbers = widgets.HTML(layout=widgets.Layout(width="340px", margin="40px 0 0 8px"))
         self.figure = LiveFigure(self._spec(None, stale=False))
-        self.body = widgets.HBox([self.figure.widget, self.numbers])
-        self._widget = widgets.VBox([widgets.HBox([self.button, self.status]), self.message, self.body])
+        self.body = widgets.HBox([self.figure.widget, self.numbers], layout=widgets.Layout(flex_flow="row wrap"))
+        self.intro = widgets.HTML()
+        self._widget = widgets.VBox([widgets.HBox([self.button, self.status]), self.message, self.intro, self.body])
         self.refresh()
 
     @property
@@ -199,6 +215,7 @@ class MetricsPanel(Panel):
         if not self.model.available:
             self.button.layout.display = "none"
             self.body.layout.display = "none"
+            self.intro.layout.display = "none"
             self.status.value = message_html(self.model.failure or NO_MODEL, "note")
             self.numbers.value = ""
             return
@@ -209,6 +226,11 @@ class MetricsPanel(Panel):
             f"{cost['average_drop']} forward passes of the model"
         )
         current = self.results.get(map_key(self.state.selection))
+        computed = current is not None or self.last is not None
+        # Before anything is computed, words say what the button does instead of empty plots.
+        self.intro.value = "" if computed else intro_html(cost)
+        self.intro.layout.display = "none" if computed else None
+        self.body.layout.display = None if computed else "none"
         if current is not None:
             self._show(current, stale=False)
             self.status.value = message_html("Computed for the map shown (remembered).", "note")
@@ -220,7 +242,7 @@ class MetricsPanel(Panel):
                 "error",
             )
         else:
-            self.figure.show(self._spec(None, stale=False))
+            self.figure.show(self._spec(None, stale=False))  # kept current, hidden until a result exists
             self.numbers.value = ""
             self.status.value = message_html("Not computed yet for the map shown.", "note")
 

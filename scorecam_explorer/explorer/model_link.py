@@ -1,5 +1,5 @@
 """The explorer's optional link to the model: computing layers that are not cached yet, and
-Grad-CAM / Grad-CAM++ for Compare.
+the registry's gradient methods (Grad-CAM, Grad-CAM++, ...) for Compare.
 
 Everything that needs torch lives here and imports it only when called, so an explorer
 built from a saved cache never imports torch unless the user asks for one of these.
@@ -12,13 +12,14 @@ that do not belong with the cached ones.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import xarray as xr
 
 from scorecam_explorer.errors import CacheError, ScorecamError
+from scorecam_explorer.methods import LabelView, get_method
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,21 +28,23 @@ if TYPE_CHECKING:
 
 ModelSource = Union["LoadedModel", "nn.Module", Callable[[], "LoadedModel"], None]
 
-BASELINE_METHODS: dict[str, str] = {"gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++"}
-"""Gradient methods Compare offers when a model is present: function name -> label."""
+BASELINE_METHODS: Mapping[str, str] = LabelView("gradients")
+"""Gradient methods Compare offers when a model is present: a live view of the registry
+(:mod:`scorecam_explorer.methods`), method key -> label; aliases (``"gradcam_pp"``) are looked up too."""
 
 
 def merge_layers(cache: xr.DataTree, extra: xr.DataTree, order: Sequence[str] | None = None) -> xr.DataTree:
     """``cache`` with the layer nodes of ``extra`` added (a new tree; neither is modified).
 
-    Both must come from the same model, weights, mask convention and pictures (checked:
-    fingerprint, convention, image ids and unmasked logits). ``order`` lists layer names
+    Both must come from the same model, weights, mask convention, precision and pictures
+    (checked: fingerprint, convention, ``dtype``, image ids and unmasked logits): a layer
+    computed in float32 does not belong in a cache whose attributes say bfloat16. ``order`` lists layer names
     shallow to deep (default: the cache's layers, then the new ones). The root attributes
     ``layers``, ``forward_passes`` and ``seconds`` are updated.
     """
     from scorecam_explorer.cache import cache_layers, validate_cache
 
-    for attribute in ("weights_fingerprint", "mask_convention"):
+    for attribute in ("weights_fingerprint", "mask_convention", "dtype"):
         if cache.attrs.get(attribute) != extra.attrs.get(attribute):
             raise CacheError(f"cannot merge caches with different {attribute}: {cache.attrs.get(attribute)} vs {extra.attrs.get(attribute)}.")
     if list(cache["image"].values) != list(extra["image"].values):
@@ -72,7 +75,9 @@ def compute_layers(
     """``cache`` plus the Score-CAM passes of ``layers`` for its pictures (same convention).
 
     The model's input is the cache's ``input`` (so the pictures are exactly the same), the
-    class names and image ids are the cache's.
+    class names and image ids are the cache's, and the masked passes run in the cache's
+    precision (its ``dtype`` attribute: ``float32`` or ``bfloat16``), so the new layer's
+    scores are computed as the cached ones were.
     """
     import torch
 
@@ -85,6 +90,7 @@ def compute_layers(
         inputs,
         list(layers),
         convention=cache_convention(cache),
+        precision=cache_precision(cache),
         progress=progress,
         class_names=[str(name) for name in cache["class_name"].values],
         image_ids=[str(name) for name in cache["image"].values],
@@ -92,20 +98,37 @@ def compute_layers(
     return merge_layers(cache, extra, order=model.layer_names(listed_only=False))
 
 
+def cache_precision(cache: xr.DataTree) -> str:
+    """The precision the cache's masked passes ran in (its ``dtype`` attribute); a CacheError
+    for a precision the engine cannot compute in, so no layer is added in another one."""
+    from scorecam_explorer.cache import DTYPES
+
+    precision = str(cache.attrs.get("dtype", ""))
+    if precision not in DTYPES:
+        raise CacheError(
+            f"the cache's dtype attribute is {precision!r}, not one of {', '.join(DTYPES)}: layers cannot be "
+            "added in the precision its scores were computed in; recompute the cache with compute_cache."
+        )
+    return precision
+
+
 def gradient_map(
     method: str, model: LoadedModel, cache: xr.DataTree, layer: str, target: int, image: int = 0
 ) -> xr.DataArray:
-    """Grad-CAM (``"gradcam"``) or Grad-CAM++ (``"gradcam_pp"``) of the cached input: (y, x) in [0, 1]."""
+    """A gradient method's map of the cached input: (y, x) in [0, 1].
+
+    ``method``: the key or an alias of a registered method that needs gradients
+    (:data:`BASELINE_METHODS`: ``"gradcam"``, ``"gradcam++"`` alias ``"gradcam_pp"``, ...).
+    """
     if method not in BASELINE_METHODS:
-        raise ScorecamError(f"unknown method {method!r}; choose one of {', '.join(BASELINE_METHODS)}.")
+        raise ScorecamError(f"unknown gradient method {method!r}; choose one of {', '.join(BASELINE_METHODS)}.")
     import torch
 
-    from scorecam_explorer import baselines
-
+    record = get_method(method)
     inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].isel(image=[image]).transpose("image", "c", "h", "w").values))
-    maps = getattr(baselines, method)(model, inputs, layer, int(target))
+    maps = record.compute(model, inputs, layer, int(target))
     result = maps.isel(image=0)
-    result.attrs.update({"layer": layer, "method": BASELINE_METHODS[method]})
+    result.attrs.update({"layer": layer, "method": record.label})
     return result
 
 

@@ -77,13 +77,12 @@ class LiveFigure:
     def __init__(self, spec: Spec) -> None:
         self.widget = FigureWidget(spec)
         self.spec = spec
-        # True once the browser has drawn the figure (Plotly reports its layout back).
+        # True once the browser has drawn the figure (its view reports back).
         self.drawn = False
-        self.widget.observe(self._on_layout_delta, names="_js2py_layoutDelta")
+        self.widget.on_rendered(self._on_rendered)
 
-    def _on_layout_delta(self, change: dict) -> None:
-        if change["new"] is not None:
-            self.drawn = True
+    def _on_rendered(self) -> None:
+        self.drawn = True
 
     def show(self, spec: Spec) -> None:
         """Make the widget show ``spec``."""

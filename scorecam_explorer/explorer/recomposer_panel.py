@@ -7,8 +7,11 @@ how much of the map those few already make.
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as widgets
 
+from scorecam_explorer.explorer.analysis import describe_r
 from scorecam_explorer.explorer.panel import LiveFigure, Panel
 from scorecam_explorer.explorer.state import ExplorerState, Selection
 from scorecam_explorer.figures import fidelity_spec
@@ -24,13 +27,33 @@ def parse_channels(text: str) -> frozenset[int]:
     return frozenset(ids)
 
 
+def log_slider_max(total: int) -> float:
+    """The slider's upper end, log10 of the channel count (a tiny range for one channel)."""
+    return max(math.log10(max(1, total)), 0.01)
+
+
+def log_slider_step(total: int) -> float:
+    """The slider's step in log10(k): fine enough that the browser, which snaps the handle to
+    whole steps and sends the snapped value back, never moves it by half a channel (a k
+    typed in the box comes back as that k), and dividing the range exactly (the last step
+    lands on the channel count)."""
+    top = log_slider_max(total)
+    finest = math.log10(1.0 + 0.4 / max(1, total))  # neighbouring steps differ by < 0.4 channel
+    return top / math.ceil(top / finest)
+
+
+def slider_k(value: float, total: int) -> int:
+    """The integer k a position of the logarithmic slider stands for, within 1..total."""
+    return min(max(1, int(round(float(value)))), max(1, total))
+
+
 def summary_html(kept: int, switched_on: int, switched_off: int, r: float) -> str:
     """Two short lines: which channels make the map, and its r with the full map."""
     off = f" ({switched_off} off)" if switched_off else ""
     return (
         "<div style='font-size:13px;line-height:1.45;margin:2px 0 0 4px'>"
         f"Map: top <b>{kept}</b> of {switched_on} channels on{off}<br>"
-        f"Pearson r with the full map: <b>{r:.3f}</b></div>"
+        f"Pearson r with the full map: <b>{describe_r(r)}</b></div>"
     )
 
 
@@ -43,9 +66,15 @@ class RecomposerPanel(Panel):
         super().__init__(state)
         selection = state.selection
         total = state.channel_count()
-        self.top_k = widgets.IntSlider(
-            description="Top k", min=1, max=total, value=total, continuous_update=True,
-            layout=widgets.Layout(width="430px"),
+        # Logarithmic, as the fidelity curve's axis: k = 1, 2, 3 ... each get a stretch of the
+        # track. The box beside it takes any k exactly; the two always show the same k.
+        self.top_k = widgets.FloatLogSlider(
+            description="Top k", base=10, min=0.0, max=log_slider_max(total), step=log_slider_step(total), value=total,
+            readout_format=".0f", continuous_update=True, layout=widgets.Layout(width="330px"),
+            tooltip="the k heaviest channels make the map (logarithmic, like the curve's axis)",
+        )
+        self.top_k_box = widgets.BoundedIntText(
+            min=1, max=total, value=total, layout=widgets.Layout(width="90px"), tooltip="type any k from 1 to the channel count",
         )
         self.switched_off = widgets.Text(
             description="Off", placeholder="channel numbers, e.g. 12, 40", continuous_update=False,
@@ -55,11 +84,18 @@ class RecomposerPanel(Panel):
                                     layout=widgets.Layout(width="90px"))
         self.summary = widgets.HTML()
         self.figure = LiveFigure(self._spec(selection))
-        self.top_k.observe(lambda change: self.apply(top_k=int(change["new"])), names="value")
+        self.top_k.observe(self._on_slider, names="value")
+        self.top_k_box.observe(lambda change: self.set_top_k(int(change["new"])), names="value")
         self.switched_off.observe(self._on_text, names="value")
         self.reset.on_click(lambda _button: self.apply(top_k=None, switched_off=frozenset()))
         self._widget = widgets.VBox(
-            [self.top_k, widgets.HBox([self.switched_off, self.reset]), self.summary, self.figure.widget, self.message],
+            [
+                widgets.HBox([self.top_k, self.top_k_box]),
+                widgets.HBox([self.switched_off, self.reset]),
+                self.summary,
+                self.figure.widget,
+                self.message,
+            ],
             layout=widgets.Layout(width="450px"),
         )
         self._sync(selection)
@@ -82,12 +118,33 @@ class RecomposerPanel(Panel):
         total = self.state.channel_count(selection.layer)
         switched_on = total - len(selection.switched_off)
         kept = int(self.state.kept(selection).sum())
+        k = total if selection.top_k is None else selection.top_k
         with self.syncing():
-            self.top_k.max = total
-            self.top_k.value = total if selection.top_k is None else selection.top_k
+            self.top_k.max = log_slider_max(total)
+            self.top_k.step = log_slider_step(total)
+            # A slider that already stands for k is left alone: sending a value back while it
+            # is dragged would pull the handle back to where the mouse was a moment ago.
+            if slider_k(self.top_k.value, total) != k:
+                self.top_k.value = float(k)
+            self.top_k_box.max = total
+            self.top_k_box.value = k
             self.switched_off.value = ", ".join(map(str, sorted(selection.switched_off)))
         r = self.state.current_fidelity(selection)
         self.summary.value = summary_html(kept, switched_on, len(selection.switched_off), r)
+
+    def set_top_k(self, k: int) -> bool:
+        """Keep the ``k`` heaviest channels (from the slider or the box); both then show k."""
+        if self._syncing:
+            return False
+        if self.apply(top_k=int(k)):
+            return True
+        self._sync(self.state.selection)  # refused: both widgets go back to the state's k
+        return False
+
+    def _on_slider(self, change: dict) -> None:
+        """A slider position stands for the nearest integer k (its readout shows that k)."""
+        if not self._syncing:
+            self.set_top_k(slider_k(change["new"], self.state.channel_count(self.state.selection.layer)))
 
     def _on_text(self, change: dict) -> None:
         if self._syncing:

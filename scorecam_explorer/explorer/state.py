@@ -332,7 +332,8 @@ class ExplorerState:
         return self._remember(("activation", s.layer, s.image), lambda: analysis.activation(self._cache, s.layer, s.image).values)
 
     def current_fidelity(self, selection: Selection | None = None) -> float:
-        """Pearson r of the current map with the full map."""
+        """Pearson r of the current map with the full map; NaN when either is constant (all
+        zero): undefined, shown with :func:`analysis.describe_r`, never as 0."""
         s = selection or self._selection
         return self._remember(
             ("r", s.layer, s.target, s.preset, s.image, s.top_k, s.switched_off),

@@ -5,7 +5,7 @@ Each figure has a ``*_spec`` builder (plain dicts) and a ``*_figure`` wrapper (`
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from scorecam_explorer.figures.encoding import (
     colorbar_trace,
     colorize,
     picture_trace,
+    symmetric_ticks,
     typed_array,
     values_in,
 )
@@ -119,6 +120,27 @@ def _check_finite(columns: np.ndarray) -> None:
     )
 
 
+MIN_BAR_PIXELS = 5
+"""The narrowest a bar is drawn when the chart opens, in pixels: wide enough to aim at."""
+BAR_MARGINS = {"top": 64, "right": 20, "left": 60, "bottom": 40}
+
+
+def visible_bar_count(n_channels: int, width: int) -> int:
+    """How many bars the chart shows when it opens: all of them when each gets at least
+    :data:`MIN_BAR_PIXELS`, else as many of the heaviest as fit at that width."""
+    plot_width = max(width - BAR_MARGINS["left"] - BAR_MARGINS["right"], MIN_BAR_PIXELS)
+    return max(1, min(n_channels, plot_width // MIN_BAR_PIXELS))
+
+
+def bar_window(n_channels: int, visible: int, focus: int | None = None) -> list[float]:
+    """The x range (in ranks 1..n) that shows ``visible`` bars: the first ones, or, when the
+    bar of rank ``focus`` is beyond them, a window centred on it."""
+    start = 1
+    if focus is not None and focus > visible:
+        start = min(max(1, focus - visible // 2), n_channels - visible + 1)
+    return [start - 0.5, start + visible - 0.5]
+
+
 def channel_bar_spec(
     contributions: xr.Dataset,
     *,
@@ -130,25 +152,36 @@ def channel_bar_spec(
     subtitle: str | None = None,
     width: int = style.COLUMN_WIDTH,
     height: int = 320,
+    window: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """A bar per channel, its height the weight w_k, bars ordered by ``sort_by``.
 
     ``contributions`` is :func:`scorecam_explorer.compose.channel_contributions` for one
-    image. Bar i is channel ``channel_order(contributions, sort_by)[i]``; its customdata row
-    is :data:`CUSTOMDATA` (a typed-array spec: :func:`~.encoding.decode_typed_array`); its
-    colour (:func:`bar_status`, :data:`STATUS_LEGEND`) is blue in the map, light blue beyond
-    the top k (``kept`` False), grey switched off, orange the inspected channel (grey with an
-    orange outline when it is switched off). NaN or inf in these numbers is refused
-    (ScorecamError), as in every map.
+    image. Bar i (x = i + 1, the channel's rank) is channel
+    ``channel_order(contributions, sort_by)[i]``; its customdata row is :data:`CUSTOMDATA`
+    (a typed-array spec: :func:`~.encoding.decode_typed_array`); its colour
+    (:func:`bar_status`, :data:`STATUS_LEGEND`) is blue in the map, light blue beyond the top
+    k (``kept`` False), grey switched off, orange the inspected channel (grey with an orange
+    outline when it is switched off). NaN or inf in these numbers is refused (ScorecamError),
+    as in every map.
+
+    A layer with more channels than fit at :data:`MIN_BAR_PIXELS` a bar (Lite0's ``head``:
+    1280) opens on the heaviest ones (:func:`visible_bar_count`), or on a window around the
+    inspected channel when it ranks beyond them (``window``, an x range in ranks, overrides
+    this); a range slider under the chart draws every channel in miniature and is dragged or
+    stretched to reach the rest, and the axis title says which ranks are shown. Hover and
+    click take the bar under the pointer's x anywhere in the plot, so short bars are as easy
+    to hit as tall ones.
     """
     order = channel_order(contributions, sort_by)
     columns = np.stack([np.asarray(contributions[name].values, dtype=np.float64) for name in CUSTOMDATA], axis=1)
     _check_finite(columns)
     weight = columns[:, 3]
-    status = bar_status(len(weight), selected=selected, switched_off=switched_off, kept=kept)
+    n_channels = len(weight)
+    status = bar_status(n_channels, selected=selected, switched_off=switched_off, kept=kept)
     bars = {
         "type": "bar",
-        "x": np.arange(len(order), dtype=np.int32),
+        "x": np.arange(1, n_channels + 1, dtype=np.int32),
         "y": weight[order],
         "customdata": typed_array(columns[order]),
         "hovertemplate": HOVER,
@@ -157,13 +190,34 @@ def channel_bar_spec(
     }
     name = str(contributions.coords["target_name"].values) if "target_name" in contributions.coords else "the target"
     heading = title or f"Channel weights for “{name}” · {contributions.attrs.get('layer', '')}"
-    layout = style.base_layout(width, height, heading, subtitle, top=64, right=20, left=60, bottom=40)
+    visible = visible_bar_count(n_channels, width)
+    xaxis: dict[str, Any] = {"showgrid": False, "zeroline": False}
+    axis_title = f"channels ranked by {SORT_KEYS[sort_by]}"
+    if window is None and visible < n_channels:
+        focus = None
+        if selected is not None and 0 <= selected < n_channels:
+            focus = int(np.flatnonzero(order == selected)[0]) + 1
+        window = bar_window(n_channels, visible, focus)
+    if window is not None and window[1] - window[0] < n_channels:
+        first, last = max(1, int(np.ceil(window[0]))), min(n_channels, int(np.floor(window[1])))
+        xaxis.update(
+            range=[float(window[0]), float(window[1])],
+            rangeslider={"visible": True, "thickness": 0.14, "range": [0.5, n_channels + 0.5]},
+        )
+        axis_title += f": ranks {first}-{last} of {n_channels} shown; drag or stretch the strip below to see the others"
+        height += 60
+    else:
+        xaxis["range"] = [0.5, n_channels + 0.5]
+    xaxis["title"] = {"text": axis_title}
+    layout = style.base_layout(width, height, heading, subtitle, **BAR_MARGINS)
     layout.update(
         bargap=0.0,
-        xaxis={"title": {"text": f"channels, sorted by {SORT_KEYS[sort_by]}"}, "showgrid": False, "zeroline": False},
+        xaxis=xaxis,
         yaxis={"title": {"text": "weight w_k"}, "zeroline": True},
         clickmode="event",
-        hovermode="closest",
+        # the whole column of a bar answers hover and click, so a bar of weight ~0 (the
+        # tail: constant channels) is as easy to hit as a tall one
+        hovermode="x",
     )
     return {"data": [bars], "layout": layout}
 
@@ -190,7 +244,7 @@ def channel_detail_spec(
     width: int = style.COLUMN_WIDTH,
     height: int = 330,
 ) -> dict[str, Any]:
-    """One channel: its raw activation A_k, its mask H_k, and the masked input X * H_k.
+    """One channel: its raw activation A_k, its mask H_k, and the masked input X∘H_k.
 
     ``activation`` (fy, fx) is coloured from its own min to max (viridis, colour bar),
     ``mask`` (y, x) in [0, 1] in grey, ``masked`` (y, x, rgb) is a picture.
@@ -247,17 +301,51 @@ def gallery_spec(
     rows = -(-count // columns)
     channels = contributions.coords["channel"].values
     shares = contributions.coords["share"].values if "share" in contributions.coords else np.full(count, np.nan)
-    labels = [f"channel {int(c)}" + (f" · {s:.1%}" if np.isfinite(s) else "") for c, s in zip(channels, shares)]
+    labels = [f"channel {int(c)}" + (f" · {share_text(s)}" if np.isfinite(s) else "") for c, s in zip(channels, shares)]
     layout = style.grid(rows, columns, titles=labels, horizontal_spacing=0.03, vertical_spacing=0.14, title_size=11)
     extent = float(np.abs(tiles).max()) or 1.0
     traces = [
         picture_trace(colorize(tile, DIVERGING, -extent, extent), f"channel {int(channels[index])}", axis=index + 1, smooth=False)
         for index, tile in enumerate(tiles)
     ]
-    traces.append(colorbar_trace(DIVERGING, -extent, extent, title="w_k·A_k", x=1.01, length=0.9, tickformat=".2g"))
+    traces.append(
+        colorbar_trace(
+            DIVERGING, -extent, extent, title="w_k·A_k", x=1.01, length=0.85, y=0.45,
+            ticks=symmetric_ticks(extent), title_side="top",
+        )
+    )
+    note = negative_share_note(channels, shares)
+    bottom = 48 if note else 10  # two lines of note under the tiles
     heading = title or "Top channels' contributions w_k·A_k"
-    layout = style.base_layout(width, height or 90 + rows * 200, heading, subtitle, top=80, right=70, grid=layout)
+    layout = style.base_layout(
+        width, height or 90 + rows * 200 + bottom - 10, heading, subtitle, top=80, right=70, bottom=bottom, grid=layout
+    )
+    if note:
+        layout["annotations"].append(
+            {
+                "text": note, "xref": "paper", "yref": "paper", "x": 0.0, "y": 0.0, "yshift": -8,
+                "xanchor": "left", "yanchor": "top", "showarrow": False, "align": "left",
+                "font": {"size": 11, "color": "#6b6b6b"},
+            }
+        )
     return {"data": traces, "layout": layout}
+
+
+def share_text(share: float) -> str:
+    """A share of the map as a percentage with a true minus sign: '5.3%', '−2.7%'."""
+    return f"{share:.1%}".replace("-", "−")
+
+
+def negative_share_note(channels: np.ndarray, shares: np.ndarray) -> str:
+    """What a negative share means, naming the channels shown with one ('' when none)."""
+    negative = [(int(c), float(s)) for c, s in zip(channels, shares) if np.isfinite(s) and s < 0]
+    if not negative:
+        return ""
+    named = ", ".join(f"channel {c}: {share_text(s)}" for c, s in negative[:3]) + (", …" if len(negative) > 3 else "")
+    return (
+        f"A negative share ({named}):<br>the channel's w_k·A_k is negative where the map is positive, "
+        "so it takes away from the map."
+    )
 
 
 def gallery_figure(contributions: xr.DataArray, **options: Any) -> go.Figure:

@@ -24,6 +24,12 @@ INSERTION_COLOUR = "#2ca02c"
 STALE_COLOUR = "#9e9e9e"
 _FILL_ALPHA = 0.15
 
+X_RANGE = (-0.03, 1.03)
+"""The fraction axis, padded at both ends: its "0%" label then stays clear of the
+probability axis's "0" at the corner."""
+Y_RANGE = (-0.04, 1.04)
+"""The probability axis: fixed, so that shaded areas compare across maps; padded as :data:`X_RANGE`."""
+
 _CELLS = {
     "deletion": {"x_title": "fraction of pixels removed", "verb": "removed", "better": "lower is better"},
     "insertion": {"x_title": "fraction of pixels inserted", "verb": "inserted", "better": "higher is better"},
@@ -94,7 +100,7 @@ def causal_curves_spec(
     empty cell ("not computed"). ``stale`` draws the curves grey and dotted: they belong to
     another map than the one the title names. Traces: 0 deletion, 1 insertion (always two,
     so that a panel updates them in place). The y axis is the probability, fixed to [0, 1]
-    so that shaded areas compare across maps.
+    (with a little padding, :data:`Y_RANGE`) so that shaded areas compare across maps.
     """
     cells = []
     for index, (metric, result) in enumerate((("deletion", deletion), ("insertion", insertion)), start=1):
@@ -119,14 +125,15 @@ def causal_curves_spec(
         layout[f"xaxis{suffix}"] = {
             "domain": domain_x,
             "anchor": f"y{suffix}",
-            "range": [0.0, 1.0],
+            "range": list(X_RANGE),
             "tickformat": ".0%",
             "title": {"text": _CELLS[metric]["x_title"]},
         }
         layout[f"yaxis{suffix}"] = {
             "domain": domain_y,
             "anchor": f"x{suffix}",
-            "range": [0.0, 1.02],
+            "range": list(Y_RANGE),
+            "zeroline": False,
             "title": {"text": probability if index == 1 else ""},
         }
     layout["hovermode"] = "closest"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import math
 import struct
 import zlib
 from collections import OrderedDict
@@ -187,8 +188,28 @@ def colorbar_trace(
     xaxis: str = "x",
     yaxis: str = "y",
     tickformat: str | None = None,
+    ticks: tuple[list[float], list[str]] | None = None,
+    title_side: str = "right",
 ) -> dict[str, Any]:
-    """An empty scatter trace (a plain dict) whose only visible part is a colour bar."""
+    """An empty scatter trace (a plain dict) whose only visible part is a colour bar.
+
+    ``ticks`` (values, labels) places the labels explicitly (e.g. :func:`symmetric_ticks`);
+    ``title_side`` ``"top"`` puts the title above the bar, out of the way of the tick labels
+    and of whatever lies to the bar's right.
+    """
+    colorbar: dict[str, Any] = {
+        "title": {"text": title, "side": title_side},
+        "x": x,
+        "y": y,
+        "len": length,
+        "thickness": 12,
+        "tickformat": tickformat,
+        "outlinewidth": 0,
+    }
+    if ticks is not None:
+        colorbar.update(tickmode="array", tickvals=list(ticks[0]), ticktext=list(ticks[1]))
+    if title_side == "top":
+        colorbar["ypad"] = 18  # room between the title and the top label, which overhangs the bar
     return {
         "type": "scatter",
         "x": [None],
@@ -204,17 +225,29 @@ def colorbar_trace(
             "cmax": float(high),
             "color": [float(low)],
             "showscale": True,
-            "colorbar": {
-                "title": {"text": title, "side": "right"},
-                "x": x,
-                "y": y,
-                "len": length,
-                "thickness": 12,
-                "tickformat": tickformat,
-                "outlinewidth": 0,
-            },
+            "colorbar": colorbar,
         },
     }
+
+
+def symmetric_ticks(extent: float, per_side: int = 2) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a scale on [-extent, extent], all in one format.
+
+    The step is the largest round number (1, 2, 2.5 or 5 times a power of ten) that gives at
+    least ``per_side`` ticks on each side of zero; every label has the decimals the step needs
+    ("−0.10", "−0.05", "0.00", "0.05", "0.10"), with a true minus sign as Plotly writes it.
+    """
+    extent = abs(float(extent))
+    if not math.isfinite(extent) or extent == 0.0:
+        return [0.0], ["0"]
+    raw = extent / per_side
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = max(m * power for m in (1.0, 2.0, 2.5, 5.0) if m * power <= raw * (1 + 1e-9))
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9) + (1 if step / power == 2.5 else 0))
+    count = int(math.floor(extent / step + 1e-9))
+    values = [round(i * step, decimals + 2) for i in range(-count, count + 1)]
+    labels = [f"{value:.{decimals}f}".replace("-", "−") for value in values]
+    return values, [label if value != 0 else f"{0:.{decimals}f}" for value, label in zip(values, labels)]
 
 
 def picture_trace(
@@ -250,5 +283,6 @@ __all__ = [
     "lookup_table",
     "picture_trace",
     "plotly_colorscale",
+    "symmetric_ticks",
     "typed_array",
 ]

@@ -161,13 +161,22 @@ def compare_spec(
     pixels = picture_pixels(picture)
     a = map_values(first, pixels.shape[:2]).astype(np.float64)
     b = map_values(second, pixels.shape[:2]).astype(np.float64)
-    layout = style.grid(1, 3, titles=[f"A: {first_label}", f"B: {second_label}", "A − B"], horizontal_spacing=0.07)
+    layout = style.grid(1, 3, titles=[f"A: {first_label}", f"B: {second_label}", "A − B"], horizontal_spacing=0.09)
     traces = overlay_traces(picture, a, opacity=opacity, colormap=colormap, axis=1)
     traces += overlay_traces(picture, b, opacity=opacity, colormap=colormap, axis=2)
     traces.append(picture_trace(colorize(a - b, DIVERGING, -1.0, 1.0), "difference", axis=3))
-    traces.append(colorbar_trace(colormap, 0.0, 1.0, title="map", x=style.cell_domain(layout, 1)[1] + 0.005, length=0.8))
-    traces.append(colorbar_trace(DIVERGING, -1.0, 1.0, title="A − B", x=1.0, length=0.8))
-    heading = "Compare" if correlation is None else f"Compare · Pearson r(A, B) = {correlation:.3f}"
+    # Titles above the bars: beside the bar, "map" would sit on the edge of the A − B picture.
+    traces.append(
+        colorbar_trace(colormap, 0.0, 1.0, title="map", x=style.cell_domain(layout, 1)[1] + 0.005, length=0.8, y=0.45,
+                       title_side="top")
+    )
+    traces.append(colorbar_trace(DIVERGING, -1.0, 1.0, title="A − B", x=1.0, length=0.8, y=0.45, title_side="top"))
+    if correlation is None:
+        heading = "Compare"
+    elif np.isfinite(correlation):
+        heading = f"Compare · Pearson r(A, B) = {correlation:.3f}"
+    else:  # r of a constant map is undefined
+        heading = "Compare · Pearson r(A, B) undefined (a constant map)"
     layout = style.base_layout(width, height, heading, top=70, right=60, grid=layout)
     return {"data": traces, "layout": layout}
 

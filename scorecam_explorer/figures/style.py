@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMN_WIDTH = 900
-"""Width in pixels of a full-width figure (a notebook column)."""
+COLUMN_WIDTH = 860
+"""Width in pixels of a full-width figure: a notebook column, and on a wide page the
+explorer's Channels column (beside the 450 px Map and Recompose column, both fit a
+1400 px wide window)."""
 HALF_WIDTH = 440
 """Width in pixels of a figure that shares a row with another."""
 
