@@ -24,6 +24,8 @@ Gradients are taken exactly at the layer's output: a forward hook swaps the outp
 ``out += identity`` and ``ReLU(inplace=True)``) can neither change the recorded activation nor
 the gradient, and back-propagation stops at the layer. Hooks are removed, and the model's
 ``requires_grad`` flags and train/eval modes restored, also when an exception is raised.
+A layer whose output is not (N, C, H, W) is read through the layout its LoadedModel gives it
+(:mod:`scorecam_explorer.layouts`): A = to_maps(O) and g = to_maps(d y^c / d O).
 
 The weight rules live with their methods (:mod:`scorecam_explorer.methods.gradcam`,
 :mod:`scorecam_explorer.methods.gradcam_pp`); this module is the pipeline they share.
@@ -54,6 +56,7 @@ from scorecam_explorer.errors import (
     did_you_mean,
 )
 from scorecam_explorer.inputs import InputBatch, prepare_inputs
+from scorecam_explorer.layouts import NCHW, LayerLayout, layout_of, maps_of
 from scorecam_explorer.methods import ComputeView
 from scorecam_explorer.methods.gradcam import gradcam_weights
 from scorecam_explorer.methods.gradcam_pp import EPS as GRADCAM_PP_EPS
@@ -198,17 +201,20 @@ Each rule lives in its method's module (:mod:`scorecam_explorer.methods`)."""
 
 @dataclass
 class _LayerCapture:
-    """Forward hook that replaces the layer's output O with Z = detached copy of O requiring grad."""
+    """Forward hook that replaces the layer's output O with Z = detached copy of O requiring grad.
+
+    O must fit ``layout`` (checked with :func:`~scorecam_explorer.layouts.maps_of`).
+    """
 
     outputs: list[torch.Tensor]
+    layer: str = ""
+    layout: LayerLayout = NCHW
     calls: int = 0
 
     def __call__(self, module: nn.Module, _inputs: object, output: object) -> torch.Tensor:
         self.calls += 1
-        if not isinstance(output, torch.Tensor) or output.ndim != 4:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise UnknownLayerError(f"the layer's output must be a 4-D (N, C, H, W) tensor to explain it; got {shape}")
-        leaf = output.detach().clone().requires_grad_(True)
+        maps_of(self.layout, output.detach() if isinstance(output, torch.Tensor) else output, self.layer)
+        leaf = output.detach().clone().requires_grad_(True)  # type: ignore[union-attr]
         self.outputs.append(leaf)
         # Downstream modules get a differentiable copy: in-place operations there modify the
         # copy, never the recorded leaf, and its gradient is d y / d O exactly.
@@ -224,6 +230,10 @@ def layer_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Activations A and gradients dy^c/dA at ``layer`` (both (N, C, u, v)), logits (N, K), classes.
 
+    The layer's output O is read through its layout (a LoadedModel's ``layout_for``; ``nchw``,
+    A = O, for a bare module): A = to_maps(O) and dy/dA = to_maps(dy/dO), exact because a
+    layout only reorders and selects O's entries (:mod:`scorecam_explorer.layouts`).
+
     One forward and one backward pass per batch of images; image n's gradient is taken for its
     own class c_n (``target`` resolved by :func:`resolve_targets`; None: the top-1 class).
     Images of a batch do not interact in eval mode, so the gradient of sum_n y^{c_n} with
@@ -234,6 +244,7 @@ def layer_gradients(
     batch_size = check_batch_size(batch_size)
     module = module_of(model)
     layer_module = dict(module.named_modules())[layer]
+    layout = layout_of(model, layer)
     device = device_of(module)
     n_images = int(inputs.shape[0])
     if target is not None and not isinstance(target, (int, np.integer, str)) and len(target) != n_images:
@@ -242,7 +253,7 @@ def layer_gradients(
     with evaluation_mode(module), torch.enable_grad():
         for start in range(0, n_images, batch_size):
             batch = inputs[start : start + batch_size].to(device)
-            capture = _LayerCapture(outputs=[])
+            capture = _LayerCapture(outputs=[], layer=layer, layout=layout)
             handle = layer_module.register_forward_hook(capture)
             try:
                 output = module(batch)
@@ -269,8 +280,8 @@ def layer_gradients(
                     f"the model's output does not depend on layer {layer!r}: its output does not feed "
                     "the class scores; choose a layer on the path to the output"
                 )
-            activations.append(leaf.detach().float().cpu())
-            gradients.append(gradient.detach().float().cpu())
+            activations.append(maps_of(layout, leaf.detach(), layer).float().cpu())
+            gradients.append(maps_of(layout, gradient.detach(), layer).float().cpu())
             logits.append(output.detach().float().cpu())
             classes.extend(batch_classes)
     result = torch.cat(activations), torch.cat(gradients), torch.cat(logits)

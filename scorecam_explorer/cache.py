@@ -68,13 +68,31 @@ CHECKSUMS_ATTR = "checksums"
 """Root attribute of a saved store: :func:`content_checksums` of the cache as it was saved."""
 
 
+DEFAULT_LAYOUT = "nchw"
+"""The layer layout of a layer node without a ``layout`` attribute (every cache made before
+layouts were recorded): the activation is the layer's (N, C, H, W) output itself."""
+
+
 @dataclass
 class LayerArrays:
-    """One layer's arrays for :func:`build_cache` (numpy, float32 / bool)."""
+    """One layer's arrays for :func:`build_cache` (numpy, float32 / bool), and the name of the
+    layout that turned the layer's output into the activation maps."""
 
     activation: np.ndarray  # (N, C, fy, fx)
     masked_logits: np.ndarray  # (N, C, K)
     constant: np.ndarray  # (N, C) bool
+    layout: str = DEFAULT_LAYOUT
+
+
+def layer_node_attrs(name: str, layout: str = DEFAULT_LAYOUT) -> dict[str, str]:
+    """A layer node's attributes: ``layer`` (its name) and, unless it is ``nchw``, ``layout``
+    (:mod:`scorecam_explorer.layouts`), so that caches of convolutional layers stay as they were."""
+    return {"layer": name} if layout == DEFAULT_LAYOUT else {"layer": name, "layout": str(layout)}
+
+
+def layer_layout(cache: xr.DataTree, layer: str) -> str:
+    """The name of the layout ``layer``'s activation was read with: ``nchw`` when not recorded."""
+    return str(cache[layer].attrs.get("layout", DEFAULT_LAYOUT))
 
 
 def build_cache(
@@ -136,7 +154,7 @@ def build_cache(
                 "constant": (LAYER_VARIABLES["constant"], np.asarray(arrays.constant, dtype=bool)),
             },
             coords={"channel": np.arange(n_channels, dtype=np.int64)},
-            attrs={"layer": name},
+            attrs=layer_node_attrs(name, arrays.layout),
         )
     if n_images != len(image_ids):
         raise ScorecamError(f"{n_images} inputs but {len(image_ids)} image ids.")

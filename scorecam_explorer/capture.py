@@ -1,14 +1,15 @@
 """Capture: one forward pass of the unmasked input that records the chosen layers' activations.
 
-Forward hooks keyed by ``named_modules()`` names record each layer's output A (N, C, h, w)
-while the model computes its logits f(X). Hooks are removed when the pass ends, also when it
+Forward hooks keyed by ``named_modules()`` names record each layer's output O while the model
+computes its logits f(X); the layer's layout (:mod:`scorecam_explorer.layouts`, ``nchw``
+unless told otherwise) turns O into the channel maps A (N, C, h, w). Hooks are removed when the pass ends, also when it
 raises; the model runs in eval mode and without autograd (``torch.inference_mode``), and
 every module's train/eval flag is restored afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from scorecam_explorer.errors import NonFiniteError, ScorecamError, UnknownLayerError, closest_names
+from scorecam_explorer.layouts import NCHW, LayerLayout, maps_of
 
 
 @dataclass
@@ -101,13 +103,22 @@ def check_logits(output: object) -> torch.Tensor:
     return output.float()
 
 
-def capture(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str]) -> Capture:
+def capture(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    layers: Sequence[str],
+    layouts: Mapping[str, LayerLayout] | None = None,
+) -> Capture:
     """Forward ``inputs`` (N, 3, H, W) once and record the activations of ``layers``.
 
+    Each layer's output O is read through its layout in ``layouts`` (``nchw``, A = O, for a
+    layer not in it): A = ``to_maps(O)``, (N, C, h, w).
+
     Raises:
-        UnknownLayerError: a name the model does not have (closest names listed).
-        ScorecamError: a layer whose output is not one 4-D (N, C, H, W) tensor, or that runs
-            more than once per forward pass (a module reused at several places).
+        UnknownLayerError: a name the model does not have (closest names listed), or a layer
+            whose output does not fit its layout (not one 4-D (N, C, H, W) tensor for nchw).
+        ScorecamError: a layer that runs more than once per forward pass (a module reused at
+            several places).
         NonFiniteError: NaN or inf in an activation or in the logits.
     """
     names = check_layer_names(module, layers)
@@ -132,15 +143,18 @@ def capture(module: nn.Module, inputs: torch.Tensor, layers: Sequence[str]) -> C
         for handle in handles:
             handle.remove()
 
-    activations = {name: _single_activation(name, recorded[name], inputs.shape[0]) for name in names}
+    layouts = layouts or {}
+    activations = {
+        name: _single_activation(name, recorded[name], inputs.shape[0], layouts.get(name, NCHW)) for name in names
+    }
     for name, activation in activations.items():
         check_finite(activation, f"the activation of layer {name!r}")
     check_finite(logits, "the model's output on the unmasked input")
     return Capture(activations=activations, logits=logits)
 
 
-def _single_activation(name: str, outputs: list[object], batch: int) -> torch.Tensor:
-    """The one 4-D output a hooked layer produced, or a clear error."""
+def _single_activation(name: str, outputs: list[object], batch: int, layout: LayerLayout) -> torch.Tensor:
+    """The maps (N, C, h, w) of the one output a hooked layer produced, or a clear error."""
     if not outputs:
         raise ScorecamError(
             f"layer {name!r} did not run during the forward pass; choose a layer that the model "
@@ -151,11 +165,4 @@ def _single_activation(name: str, outputs: list[object], batch: int) -> torch.Te
             f"layer {name!r} runs {len(outputs)} times per forward pass (the same module is used "
             f"at several places), so its activation is ambiguous; choose a module that runs once."
         )
-    output = outputs[0]
-    if not isinstance(output, torch.Tensor) or output.ndim != 4 or output.shape[0] != batch:
-        kind = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ScorecamError(
-            f"layer {name!r} outputs {kind}, not a 4-D (N, C, H, W) feature map; Score-CAM needs a "
-            f"convolutional layer's output."
-        )
-    return output.float()
+    return maps_of(layout, outputs[0], name, batch).float()

@@ -31,9 +31,11 @@ import numpy as np
 import xarray as xr
 
 from scorecam_explorer.cache import (
+    DEFAULT_LAYOUT,
     LAYER_VARIABLES,
     ROOT_VARIABLES,
     SCHEMA,
+    layer_node_attrs,
     recorded_layers,
     storage_encoding,
     validate_cache,
@@ -232,7 +234,7 @@ def store_template(
                 "constant": (LAYER_VARIABLES["constant"], empty((n_images, channels), "bool")),
             },
             coords={"channel": np.arange(channels, dtype=np.int64)},
-            attrs={"layer": name},
+            attrs=layer_node_attrs(name, summary.get("layer_layouts", {}).get(name, DEFAULT_LAYOUT)),
         )
     return validate_cache(xr.DataTree.from_dict(nodes), check_values=False)
 

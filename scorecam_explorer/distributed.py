@@ -553,6 +553,7 @@ def _describe_model(
         summary.update(
             layers=[info.name for info in infos],
             layer_shapes=[(info.name, info.channels, info.height, info.width) for info in infos],
+            layer_layouts={info.name: model.layout_for(info.name).name for info in infos},
             class_names=list(model.class_names),
             input_size=int(model.preprocessing.input_size),
             preprocessing=model.preprocessing.describe(),

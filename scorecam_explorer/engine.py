@@ -13,8 +13,9 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from scorecam_explorer.capture import capture, forward_call_counter
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.inputs import Inputs, prepare_inputs
+from scorecam_explorer.layouts import LayerLayout
 from scorecam_explorer.models import LoadedModel, from_module
 from scorecam_explorer.preprocessing import Preprocessing
 from scorecam_explorer.scoring import baseline_logits, score_layer
@@ -57,7 +59,7 @@ def compute_cache(
 
     Args:
         model: a :class:`~scorecam_explorer.models.LoadedModel` (its name, preprocessing,
-            class names, default layer and weights fingerprint are used) or a plain
+            class names, default layer, layer layouts and weights fingerprint are used) or a plain
             ``nn.Module`` (class names ``class 0``.., model name its class name).
         inputs: a preprocessed tensor (N, 3, H, W) or (3, H, W), or one picture or a list
             of pictures (paths, ``"sample:NAME"``, PIL images, uint8 arrays) that the
@@ -127,7 +129,8 @@ def compute_cache(
         on_device = batch.to(compute_device)
         with ExitStack() as counters:
             calls = [counters.enter_context(forward_call_counter(module))]
-            activations, logits = _capture_in_chunks(module, on_device, layer_names)
+            layouts = {name: loaded.layout_for(name) for name in layer_names}
+            activations, logits = _capture_in_chunks(module, on_device, layer_names, layouts)
             if logits.shape[1] != len(names):
                 raise ScorecamError(
                     f"the model has {logits.shape[1]} outputs but {len(names)} class names were given."
@@ -172,7 +175,7 @@ def compute_cache(
         baseline_logits=baseline.cpu().numpy(),
         image_ids=ids,
         class_names=names,
-        layers=layer_arrays,
+        layers={name: replace(arrays, layout=layouts[name].name) for name, arrays in layer_arrays.items()},
         model_name=loaded.name,
         weights_fingerprint=fingerprint,
         preprocessing=preprocessing.describe() if preprocessing_known else None,
@@ -337,9 +340,10 @@ def _resolve_layers(loaded: LoadedModel, layers: str | Sequence[str] | None) -> 
 
 
 def _capture_in_chunks(
-    module: nn.Module, inputs: torch.Tensor, layers: list[str]
+    module: nn.Module, inputs: torch.Tensor, layers: list[str], layouts: Mapping[str, LayerLayout]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    pieces = [capture(module, chunk, layers) for chunk in inputs.split(_IMAGE_CHUNK)]
+    """The activations (N, C, h, w), each layer read through its layout, and the logits."""
+    pieces = [capture(module, chunk, layers, layouts) for chunk in inputs.split(_IMAGE_CHUNK)]
     activations = {name: torch.cat([piece.activations[name] for piece in pieces]) for name in layers}
     return activations, torch.cat([piece.logits for piece in pieces])
 

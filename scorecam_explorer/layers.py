@@ -1,8 +1,10 @@
 """Which layers of a model Score-CAM can target, found by one probe forward pass.
 
-A layer is *targetable* when its module runs exactly once per forward pass and returns a 4-D
-(N, C, H, W) tensor: a module that runs twice (a shared activation, as in some EfficientNet
-ports) would give a hook the wrong activation, so it is never offered. Of the targetable
+A layer is *targetable* when its module runs exactly once per forward pass and its output,
+read through the layer's layout (:mod:`scorecam_explorer.layouts`; ``nchw`` unless given),
+gives channel maps (N, C, h, w): for the default layout, a 4-D (N, C, H, W) tensor. A module
+that runs twice (a shared activation, as in some EfficientNet ports) would give a hook the
+wrong activation, so it is never offered. Of the targetable
 layers, the *listed* ones are those a person picks from: direct children of the model and
 children of ``nn.Sequential`` containers (stages, blocks, the layers of a VGG ``features``);
 the internals of a residual block are targetable by name but not listed.
@@ -11,19 +13,22 @@ the internals of a residual block are targetable by name but not listed.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from scorecam_explorer.capture import eval_mode
+from scorecam_explorer.layouts import NCHW, LayerLayout, hint, maps_or_problem
 
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A targetable layer: its ``named_modules()`` name and output shape at the model's input size."""
+    """A targetable layer: its ``named_modules()`` name and the size of its channel maps
+    (through its layout) at the model's input size."""
 
     name: str
     channels: int
@@ -39,8 +44,17 @@ def _is_listed(name: str, modules: dict[str, nn.Module]) -> bool:
     return isinstance(parent, nn.Sequential)
 
 
-def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], str | None]:
+LayoutFor = Callable[[str], LayerLayout]
+"""A layer name -> its layout (``LoadedModel.layout_for``)."""
+
+
+def probe_layers(
+    model: nn.Module, input_size: int, layout_for: LayoutFor | None = None
+) -> tuple[list[LayerInfo], str | None]:
     """All targetable layers in the order they finish (shallow to deep) and the default target.
+
+    ``layout_for`` gives each layer's layout (default: ``nchw`` for every layer); a layer whose
+    output does not fit its layout is not targetable.
 
     The default target is the last listed layer with a spatial map larger than 1x1 that is not a
     pooling layer (nor a container whose output *is* a pooling layer's output): ``layer4`` for
@@ -49,7 +63,7 @@ def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], st
     modules = dict(model.named_modules())
     calls: Counter[str] = Counter()
     # Outputs are kept alive during the probe so that "the same tensor" is decided by identity.
-    outputs: dict[str, tuple[tuple[int, ...], object, bool]] = {}
+    outputs: dict[str, tuple[object, bool]] = {}
     order: list[str] = []
     handles = []
 
@@ -58,10 +72,7 @@ def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], st
             calls[name] += 1
             if name not in outputs:
                 order.append(name)
-            if isinstance(output, torch.Tensor):
-                outputs[name] = (tuple(output.shape), output, isinstance(module, _POOLING))
-            else:
-                outputs[name] = ((), None, False)
+            outputs[name] = (output, isinstance(module, _POOLING) and isinstance(output, torch.Tensor))
 
         return hook
 
@@ -78,23 +89,26 @@ def probe_layers(model: nn.Module, input_size: int) -> tuple[list[LayerInfo], st
             handle.remove()
 
     layers = []
-    pooled_outputs = [tensor for _shape, tensor, is_pool in outputs.values() if is_pool]
+    layout_for = layout_for or (lambda _name: NCHW)
+    pooled_outputs = [tensor for tensor, is_pool in outputs.values() if is_pool]
     default: str | None = None
     for name in order:
-        shape, tensor, is_pool = outputs[name]
-        if calls[name] != 1 or len(shape) != 4:
+        tensor, is_pool = outputs[name]
+        maps = maps_or_problem(layout_for(name), tensor, batch=1) if calls[name] == 1 else None
+        if not isinstance(maps, torch.Tensor):
             continue
-        info = LayerInfo(name, shape[1], shape[2], shape[3], _is_listed(name, modules))
+        channels, height, width = (int(size) for size in maps.shape[1:])
+        info = LayerInfo(name, channels, height, width, _is_listed(name, modules))
         layers.append(info)
         if info.listed and info.height * info.width > 1 and not is_pool and not any(tensor is pooled for pooled in pooled_outputs):
             default = name
     return layers, default
 
 
-def why_not_targetable(model: nn.Module, name: str, input_size: int) -> str:
+def why_not_targetable(model: nn.Module, name: str, input_size: int, layout: LayerLayout = NCHW) -> str:
     """Why the module called ``name`` is not targetable, from one probe pass of its own:
-    it does not run, runs more than once, or returns something other than an (N, C, H, W)
-    tensor (said with the shape it returned)."""
+    it does not run, runs more than once, or returns something that ``layout`` does not turn
+    into (N, C, h, w) maps (said with the shape it returned, and how to pass a layout)."""
     module = dict(model.named_modules())[name]
     outputs: list[object] = []
     handle = module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
@@ -109,7 +123,7 @@ def why_not_targetable(model: nn.Module, name: str, input_size: int) -> str:
         return "it does not run in a forward pass"
     if len(outputs) > 1:
         return f"it runs more than once per forward pass ({len(outputs)} times), so its activation is ambiguous"
-    output = outputs[0]
-    if not isinstance(output, torch.Tensor):
-        return f"it returns a {type(output).__name__}, not a 4-D (N, C, H, W) tensor"
-    return f"it outputs shape {tuple(output.shape)}, not a 4-D (N, C, H, W) tensor"
+    problem = maps_or_problem(layout, outputs[0], batch=1)
+    if isinstance(problem, torch.Tensor):
+        return "its output fits its layout in a probe pass of its own (is its output shared with another layer?)"
+    return f"it {problem}; {hint(layout)}"

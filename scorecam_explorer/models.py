@@ -9,7 +9,7 @@ cache so that a cache is never reused with other weights).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from scorecam_explorer import default_model
-from scorecam_explorer.capture import eval_mode
+from scorecam_explorer.capture import check_layer_names, eval_mode
 from scorecam_explorer.errors import (
     UnknownLayerError,
     UnknownModelError,
@@ -30,6 +30,7 @@ from scorecam_explorer.errors import (
     did_you_mean,
 )
 from scorecam_explorer.layers import LayerInfo, probe_layers, why_not_targetable
+from scorecam_explorer.layouts import NCHW, LayerLayout, LayoutSpec, layout_from
 from scorecam_explorer.preprocessing import Preprocessing
 
 DEFAULT_MODEL = default_model.NAME
@@ -42,6 +43,10 @@ class LoadedModel:
 
     The package runs ``module`` in eval mode whenever it forwards it and restores every
     submodule's train/eval flag afterwards; the module is never left changed.
+
+    ``layouts`` maps a layer name to the :class:`~scorecam_explorer.layouts.LayerLayout` that
+    turns its output into channel maps (N, C, h, w); every other layer has ``default_layout``
+    (``nchw``: the output is the maps). See :meth:`layout_for` and :func:`from_module`.
     """
 
     name: str
@@ -50,10 +55,16 @@ class LoadedModel:
     class_names: list[str]
     default_layer_hint: str | None = None
     weights: str = "unknown"
+    layouts: Mapping[str, LayerLayout] = field(default_factory=dict)
+    default_layout: LayerLayout = NCHW
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
 
+    def layout_for(self, layer: str) -> LayerLayout:
+        """The layout that turns ``layer``'s output into channel maps (default: ``nchw``)."""
+        return self.layouts.get(layer, self.default_layout)
+
     def _probe(self) -> tuple[list[LayerInfo], str | None]:
-        return probe_layers(self.module, self.preprocessing.input_size)
+        return probe_layers(self.module, self.preprocessing.input_size, self.layout_for)
 
     @cached_property
     def _probed(self) -> tuple[list[LayerInfo], str | None]:
@@ -75,7 +86,10 @@ class LoadedModel:
             return self.default_layer_hint
         default = self._probed[1]
         if default is None:
-            raise UnknownLayerError(f"model {self.name} has no layer with a 4-D (N, C, H, W) output to target")
+            raise UnknownLayerError(
+                f"model {self.name} has no layer with a 4-D (N, C, H, W) output to target; for layers "
+                f"that output another layout, pass layout= to from_module (see scorecam_explorer.layouts)"
+            )
         return default
 
     def layer(self, name: str) -> LayerInfo:
@@ -87,7 +101,7 @@ class LoadedModel:
         listed = self.layer_names()
         modules = dict(self.module.named_modules())
         if name in modules:
-            reason = why_not_targetable(self.module, name, self.preprocessing.input_size)
+            reason = why_not_targetable(self.module, name, self.preprocessing.input_size, self.layout_for(name))
             raise UnknownLayerError(f"layer {name!r} of {self.name} cannot be targeted: {reason}.{did_you_mean(name, every)}")
         close = closest_names(name, every, limit=5)
         hint = f" Closest: {', '.join(close)}." if close else ""
@@ -319,14 +333,22 @@ def from_module(
     class_names: Sequence[str] | None = None,
     default_layer: str | None = None,
     input_size: int = 224,
+    layout: LayoutSpec | Mapping[str, LayoutSpec] | None = None,
 ) -> LoadedModel:
     """Wrap your own classifier. Without ``preprocessing``: ImageNet mean/std at ``input_size``.
 
     Without ``class_names`` they are ``class 0``, ``class 1``, ... (counted from one probe pass).
     ``module`` is not changed: its train/eval flags stay as they are.
+
+    ``layout`` says how layers' outputs become channel maps (N, C, h, w)
+    (:mod:`scorecam_explorer.layouts`): None or ``"nchw"`` (convolutional outputs, the
+    default), ``"nhwc"`` (channels-last outputs (N, H, W, C)), a function
+    ``fn(output) -> (N, C, h, w)`` or a LayerLayout, for every layer; or a mapping
+    ``{layer name: one of those}`` for those layers only (the others stay ``nchw``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    layouts, default_layout = _layouts(module, layout)
     preprocessing = preprocessing or Preprocessing(resize=int(round(input_size * 256 / 224)), crop=input_size)
     if class_names is None:
         parameter = next(module.parameters(), None)
@@ -341,10 +363,24 @@ def from_module(
         class_names=list(class_names),
         default_layer_hint=None,
         weights="user",
+        layouts=layouts,
+        default_layout=default_layout,
     )
     if default_layer is not None:
         loaded.default_layer_hint = loaded.check_layer(default_layer)
     return loaded
+
+
+def _layouts(
+    module: nn.Module, layout: LayoutSpec | Mapping[str, LayoutSpec] | None
+) -> tuple[dict[str, LayerLayout], LayerLayout]:
+    """``from_module``'s ``layout`` as (per-layer layouts, the layout of every other layer)."""
+    if layout is None:
+        return {}, NCHW
+    if isinstance(layout, Mapping):
+        specs = {str(name): spec for name, spec in layout.items()}
+        return {name: layout_from(specs[name]) for name in check_layer_names(module, list(specs))}, NCHW
+    return {}, layout_from(layout)
 
 
 def as_loaded_model(model: LoadedModel | nn.Module) -> LoadedModel:
