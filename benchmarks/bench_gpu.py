@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPOSITORY))
 
 from scorecam_explorer import compute_cache, scorecam  # noqa: E402
 from scorecam_explorer.models import load_model  # noqa: E402
-from scorecam_explorer.runtime import resolve_device, synchronize  # noqa: E402
+from scorecam_explorer.device import resolve_device  # noqa: E402
+from scorecam_explorer.planner import synchronize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scorecam import pearson, softmax, spearman  # noqa: E402  (the same statistics as the CPU benchmark)

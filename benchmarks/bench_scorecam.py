@@ -52,7 +52,7 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from scorecam_explorer import runtime  # noqa: E402
+from scorecam_explorer import device, planner, rewriting  # noqa: E402
 from scorecam_explorer.compose import scorecam  # noqa: E402
 from scorecam_explorer.engine import compute_cache  # noqa: E402
 from scorecam_explorer.images import load_image  # noqa: E402
@@ -185,9 +185,9 @@ def forward_floor(module: torch.nn.Module, inputs: torch.Tensor, plans, repeats:
     """Best seconds per image of one forward pass of masked inputs over the candidate plans."""
     best = (float("inf"), None)
     masks = torch.rand(max(plan.batch_size for plan in plans), 1, *inputs.shape[-2:])
-    with runtime.threads_restored(), torch.inference_mode():
+    with planner.threads_restored(), torch.inference_mode():
         for plan in plans:
-            runtime.apply_plan(plan)
+            planner.apply_plan(plan)
             batch = (inputs[0] * masks[: plan.batch_size]).contiguous(memory_format=torch.channels_last)
             module(batch)  # warm up this shape
             times = []
@@ -216,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     size = 96 if args.quick else 224
     results: dict[str, float] = {}
 
-    runtime.tune_allocator()  # every in-process implementation shares these settings
+    device.tune_allocator()  # every in-process implementation shares these settings
     print(f"Score-CAM benchmark ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {runtime.usable_cpus()} CPUs, {platform.machine()}, "
-          f"load average {os.getloadavg()[0]:.1f}, allocator tuned: {runtime.allocator_tuned()}")
+          f"{torch.get_num_threads()} threads, {device.usable_cpus()} CPUs, {platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f}, allocator tuned: {device.allocator_tuned()}")
 
     lite0 = load_model()
     preprocessing = Preprocessing(resize=round(size * 256 / 224), crop=size, mean=lite0.preprocessing.mean,
@@ -236,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     first_call_bf16, _ = timed(ours, lite0, x, layer, convention="pytorch-grad-cam", precision="bfloat16")
     # the floor is measured right after each of our runs: a shared machine's speed drifts
     # between rounds by more than the gap being measured
-    folded = runtime.folded_batchnorm(lite0.module, runtime.copy_key(lite0.module, lite0.fingerprint(), "cpu"), channels_last=True)
-    masked_module = (runtime.fused_copy(folded) or folded) if folded is not None else lite0.module
+    folded = rewriting.folded_batchnorm(lite0.module, rewriting.copy_key(lite0.module, lite0.fingerprint(), "cpu"), channels_last=True)
+    masked_module = (rewriting.fused_copy(folded) or folded) if folded is not None else lite0.module
     floors: list[tuple[float, float, object]] = []  # (ours / floor, seconds per image, plan)
     for _ in range(repeats):
         seconds, cache = timed(ours, lite0, x, layer, convention="pytorch-grad-cam")
         timings["ours"].append(seconds)
-        per_image, best_plan = forward_floor(masked_module, x, runtime.candidate_plans(torch.device("cpu")))
+        per_image, best_plan = forward_floor(masked_module, x, planner.candidate_plans(torch.device("cpu")))
         n_forwarded = int(cache[layer].sizes["channel"]) - int(cache[layer]["constant"].values.sum())
         floors.append((seconds / ((n_forwarded + 2) * per_image), per_image, best_plan))
         seconds, pgc_heatmap = timed(pytorch_grad_cam_map, lite0.module, layer_module, x, target)
@@ -306,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         resnet_target = int(resnet.module(xr).argmax())
     resnet_times: dict[str, list[float]] = {"ours": [], "pgc": []}
     resnet_first, _ = timed(ours, resnet, xr, "layer4", convention="pytorch-grad-cam")
-    resnet_folded = runtime.folded_batchnorm(
-        resnet.module, runtime.copy_key(resnet.module, resnet.fingerprint(), "cpu"), channels_last=True
+    resnet_folded = rewriting.folded_batchnorm(
+        resnet.module, rewriting.copy_key(resnet.module, resnet.fingerprint(), "cpu"), channels_last=True
     )
-    resnet_masked = (runtime.fused_copy(resnet_folded) or resnet_folded) if resnet_folded is not None else resnet.module
+    resnet_masked = (rewriting.fused_copy(resnet_folded) or resnet_folded) if resnet_folded is not None else resnet.module
     # per round: (pgc / ours, pgc / our floor); the second bounds what any overhead cut could give
     resnet_rounds: list[tuple[float, float]] = []
     for _ in range(repeats):
         seconds, resnet_cache = timed(ours, resnet, xr, "layer4", convention="pytorch-grad-cam")
         resnet_times["ours"].append(seconds)
-        per_image, _ = forward_floor(resnet_masked, xr, runtime.candidate_plans(torch.device("cpu")))
+        per_image, _ = forward_floor(resnet_masked, xr, planner.candidate_plans(torch.device("cpu")))
         n_forwarded = int(resnet_cache["layer4"].sizes["channel"]) - int(resnet_cache["layer4"]["constant"].values.sum())
         seconds, resnet_pgc = timed(pytorch_grad_cam_map, resnet.module, resnet.module.layer4, xr, resnet_target)
         resnet_times["pgc"].append(seconds)

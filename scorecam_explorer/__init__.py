@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "predict": "scorecam_explorer.prediction",
     # the engine and its cache
     "compute_cache": "scorecam_explorer.engine",
-    "release_copies": "scorecam_explorer.runtime",
+    "release_copies": "scorecam_explorer.rewriting",
     "save_cache": "scorecam_explorer.cache",
     "load_cache": "scorecam_explorer.cache",
     "check_cache_matches": "scorecam_explorer.cache",

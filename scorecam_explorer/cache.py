@@ -31,6 +31,7 @@ import xarray as xr
 
 from scorecam_explorer._version import __version__
 from scorecam_explorer.conventions import MaskConvention, get_convention
+from scorecam_explorer.device import PRECISIONS
 from scorecam_explorer.errors import CacheError, ScorecamError
 
 SCHEMA = "scorecam_explorer.cache/1"
@@ -60,7 +61,7 @@ REQUIRED_ATTRS = (
     "package_version",
     "layers",
 )
-DTYPES = ("float32", "bfloat16")
+DTYPES = PRECISIONS
 """The values of the ``dtype`` attribute: the precision the masked passes ran in."""
 # Channels per stored chunk of a layer's arrays (a chunk also holds a single image).
 CHANNEL_BLOCK = 256

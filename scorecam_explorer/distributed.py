@@ -71,6 +71,7 @@ from scorecam_explorer.dataset_store import (
     stored_images,
     write_row,
 )
+from scorecam_explorer.device import PRECISIONS
 from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError
 from scorecam_explorer.images import find_images, image_id
 
@@ -91,8 +92,8 @@ __all__ = [
 ]
 
 # The store's schema, creation, row writes and reading live in scorecam_explorer.dataset_store;
-# DATASET_STORE, DATASET_VARIABLES, DATASET_ATTRS, open_dataset and select_image are re-exported.
-PRECISIONS = ("float32", "bfloat16")
+# DATASET_STORE, DATASET_VARIABLES, DATASET_ATTRS, open_dataset and select_image are re-exported,
+# as is PRECISIONS (scorecam_explorer.device).
 # A factory that pickles to more than this carries its weights with it (a warning says so).
 _FACTORY_WARN_BYTES = 1 << 20
 
@@ -184,7 +185,7 @@ def compute_dataset(
         connect_timeout: seconds to wait for a scheduler address to answer.
         progress: show a progress bar over finished images.
         tune_allocator: let each worker raise glibc's mmap and trim thresholds
-            (:func:`scorecam_explorer.runtime.tune_allocator`). Off by default: a Dask
+            (:func:`scorecam_explorer.device.tune_allocator`). Off by default: a Dask
             nanny sets ``MALLOC_TRIM_THRESHOLD_`` so that a worker's freed memory goes back
             to the operating system, and Dask's memory manager (spilling, pausing,
             restarting a worker) relies on it; a tuned worker would keep its peak memory
@@ -508,7 +509,7 @@ def _worker_model(factory: ModelFactory, key: str, device: str) -> tuple[LoadedM
     from torch import nn
 
     from scorecam_explorer.models import LoadedModel, from_module
-    from scorecam_explorer.runtime import resolve_device
+    from scorecam_explorer.device import resolve_device
 
     resolved = resolve_device(device)
     with _WORKER_MODELS_LOCK:

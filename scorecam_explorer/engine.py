@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from scorecam_explorer import runtime
+from scorecam_explorer import device as device_setup
 from scorecam_explorer.cache import LayerArrays, build_cache
 from scorecam_explorer.capture import capture, forward_call_counter
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, get_convention
@@ -30,7 +30,17 @@ from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.inputs import Inputs, prepare_inputs
 from scorecam_explorer.layouts import LayerLayout
 from scorecam_explorer.models import LoadedModel, from_module
+from scorecam_explorer.planner import Plan, Planner, Stopwatch, candidate_plans, remembered_threads, threads_restored
 from scorecam_explorer.preprocessing import Preprocessing
+from scorecam_explorer.rewriting import (
+    copy_key,
+    folded_batchnorm,
+    fused_copy,
+    has_hooks,
+    reject_folded,
+    reject_fused,
+    remembers_copy,
+)
 from scorecam_explorer.scoring import baseline_logits, score_layer
 
 # Images per unmasked / baseline pass (bounds the memory of those passes).
@@ -77,10 +87,10 @@ def compute_cache(
         class_names: overrides the model's class names.
         image_ids: names of the images (default: file names, ``sample:NAME``, ``image-I``).
         tune_allocator: keep freed memory in the process (glibc ``mallopt``; faster on CPU,
-            never changes a result; see :func:`scorecam_explorer.runtime.tune_allocator`).
+            never changes a result; see :func:`scorecam_explorer.device.tune_allocator`).
         fold_batchnorm: run the masked passes on a copy of the model with each BatchNorm
             folded into the convolution before it (same function, float32 rounding
-            differences only; see :func:`scorecam_explorer.runtime.folded_batchnorm`).
+            differences only; see :func:`scorecam_explorer.rewriting.folded_batchnorm`).
             Every call checks the copy against the model's output on this call's unmasked
             input (one extra pass) and runs the model itself when they differ. Not done
             when the model carries forward hooks, so that they see every pass. The copy is
@@ -98,9 +108,9 @@ def compute_cache(
         The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
         ``seconds`` (wall time) among its attributes.
     """
-    watch = runtime.Stopwatch()
+    watch = Stopwatch()
     mask_convention = get_convention(convention)
-    precision = runtime.check_precision(precision)
+    precision = device_setup.check_precision(precision)
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
         loaded = _as_loaded(model, preprocessing)
@@ -110,21 +120,21 @@ def compute_cache(
     prepared = prepare_inputs(inputs, preprocessing, image_ids, allow_repeated_ids=False)
     batch, ids = prepared.tensor, prepared.image_ids
     pictures = prepared.viewable(preprocessing if preprocessing_known else None)
-    compute_device = runtime.resolve_device(device)
+    compute_device = device_setup.resolve_device(device)
     if tune_allocator:
-        runtime.tune_allocator()
-    channels_last = runtime.uses_channels_last(compute_device)
+        device_setup.tune_allocator()
+    channels_last = device_setup.uses_channels_last(compute_device)
     module = loaded.module
     fingerprint = loaded.fingerprint()
 
     threads_key = (fingerprint, str(compute_device), precision)
     # the candidates read torch's thread count before a remembered one is set below
-    plans = runtime.candidate_plans(compute_device, batch_size, adapt_threads=adapt_threads)
+    plans = candidate_plans(compute_device, batch_size, adapt_threads=adapt_threads)
     # no faster copy for a model with forward hooks, so that they see every pass (asked
     # before the engine's own counting hook is added)
-    use_copies = fold_batchnorm and not runtime.has_hooks(module)
-    with _model_on(module, compute_device), runtime.threads_restored():
-        if adapt_threads and (threads := runtime.remembered_threads(threads_key)) is not None:
+    use_copies = fold_batchnorm and not has_hooks(module)
+    with _model_on(module, compute_device), threads_restored():
+        if adapt_threads and (threads := remembered_threads(threads_key)) is not None:
             torch.set_num_threads(threads)  # what the masked passes found fastest last time
         on_device = batch.to(compute_device)
         with ExitStack() as counters:
@@ -141,7 +151,7 @@ def compute_cache(
                 logits,
                 fold=use_copies,
                 fuse=fuse_pointwise and compute_device.type == "cpu" and precision == "float32",
-                key=runtime.copy_key(module, fingerprint, compute_device),
+                key=copy_key(module, fingerprint, compute_device),
                 channels_last=channels_last,
             )
             calls.append([check_passes])
@@ -196,7 +206,7 @@ def _score_layers(
     *,
     planner_key: tuple,
     threads_key: tuple,
-    plans: list[runtime.Plan],
+    plans: list[Plan],
     precision: str,
     channels_last: bool,
     progress: bool,
@@ -213,7 +223,7 @@ def _score_layers(
                 activation,
                 convention,
                 baseline=baseline,
-                planner=runtime.Planner(key=(name, *planner_key), candidates=plans, threads_key=threads_key),
+                planner=Planner(key=(name, *planner_key), candidates=plans, threads_key=threads_key),
                 layer=name,
                 precision=precision,
                 channels_last=channels_last,
@@ -252,16 +262,16 @@ def _masked_model(
     """
     passes = 0
     for rebuild in (False, True) if fold else ():
-        remembered = runtime.remembers_copy(module, key) and not rebuild
-        folded = runtime.folded_batchnorm(module, key, channels_last=channels_last, rebuild=rebuild)
+        remembered = remembers_copy(module, key) and not rebuild
+        folded = folded_batchnorm(module, key, channels_last=channels_last, rebuild=rebuild)
         if folded is None:
             break
-        copy_, made = _agreeing_copy(folded, runtime.fused_copy(folded) if fuse else None, inputs, logits, channels_last)
+        copy_, made = _agreeing_copy(folded, fused_copy(folded) if fuse else None, inputs, logits, channels_last)
         passes += made
         if copy_ is not None:
             return copy_, passes
         if not remembered:
-            runtime.reject_folded(module, key)
+            reject_folded(module, key)
             break
     return module, passes
 
@@ -280,7 +290,7 @@ def _agreeing_copy(
         passes += made
         if same:
             if candidate is folded and fused is not None:
-                runtime.reject_fused(folded)
+                reject_fused(folded)
             return candidate, passes
     return None, passes
 

@@ -9,7 +9,7 @@ applies those operations while it writes the convolution's output ("post-ops"):
 
 with the same values (the post-op runs on each output element as the separate operation
 would). :func:`fuse_pointwise` rewrites a ``torch.fx`` graph (the BatchNorm-folded copy of
-:mod:`scorecam_explorer.runtime`) so that every plain ``nn.Conv2d`` runs this way. It uses
+:mod:`scorecam_explorer.rewriting`) so that every plain ``nn.Conv2d`` runs this way. It uses
 torch's ``mkldnn._convolution_pointwise`` operators (the ones ``torch.compile`` emits for
 CPUs); where they are missing, or a model's graph has nothing to fuse, it returns None.
 Callers check the fused copy against the model's own output before using it.

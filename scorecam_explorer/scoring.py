@@ -24,7 +24,8 @@ from torch import nn
 
 from scorecam_explorer.capture import check_finite, check_logits, eval_mode
 from scorecam_explorer.conventions import MaskConvention
-from scorecam_explorer.runtime import Plan, Planner, Stopwatch, apply_plan, autocast, synchronize
+from scorecam_explorer.device import autocast
+from scorecam_explorer.planner import Plan, Planner, Stopwatch, apply_plan, synchronize
 
 ProgressCallback = Callable[[int], None]
 

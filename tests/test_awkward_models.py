@@ -13,7 +13,7 @@ from _float32 import assert_close_up_to_rounding
 from _tiny_models import AWKWARD_MODELS, awkward_model, normal
 
 import scorecam_explorer
-from scorecam_explorer import runtime
+from scorecam_explorer import rewriting
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.fusion import pointwise_fusion_available
@@ -53,16 +53,16 @@ def test_the_folded_and_fused_copies_compute_the_model(name):
     convolutions and subclasses are left as they are, the rest folded and fused."""
     model = awkward_model(name)
     x = normal(3, 3, 16, 16, seed=1)
-    folded = runtime.folded_batchnorm(model, ("test", name), channels_last=True, rebuild=True)
+    folded = rewriting.folded_batchnorm(model, ("test", name), channels_last=True, rebuild=True)
     assert folded is not None  # every one of these has a plain convolution-BatchNorm pair
-    fused = runtime.fused_copy(folded)
+    fused = rewriting.fused_copy(folded)
     with torch.inference_mode():
         expected = model(x)
         for copy_ in (folded, fused):
             if copy_ is not None:
                 assert_close_up_to_rounding(copy_(x.contiguous(memory_format=torch.channels_last)), expected)
                 assert_close_up_to_rounding(copy_(x), expected)
-    runtime.release_copies(model)
+    rewriting.release_copies(model)
 
 
 @pytest.mark.parametrize("name", list(AWKWARD_MODELS))
@@ -99,26 +99,26 @@ def test_googlenet_with_transform_input_switched_between_calls():
         assert_close_up_to_rounding(
             fast["conv1"]["masked_logits"].values, plain["conv1"]["masked_logits"].values, err_msg=f"flag {flag}"
         )
-    runtime.release_copies(model)
+    rewriting.release_copies(model)
 
 
 def test_copies_are_released_on_request_and_with_their_model():
     model = awkward_model("affine-free batchnorm")
     x = normal(1, 3, 16, 16, seed=4)
-    key = runtime.copy_key(model, weights_fingerprint(model), "cpu")
+    key = rewriting.copy_key(model, weights_fingerprint(model), "cpu")
     compute_cache(model, x, "norm1", progress=False)
-    assert runtime.remembers_copy(model, key)
-    folded = runtime.folded_batchnorm(model, key)  # the remembered copy, not a new one
-    references = [weakref.ref(copy_) for copy_ in (folded, runtime.fused_copy(folded)) if copy_ is not None]
+    assert rewriting.remembers_copy(model, key)
+    folded = rewriting.folded_batchnorm(model, key)  # the remembered copy, not a new one
+    references = [weakref.ref(copy_) for copy_ in (folded, rewriting.fused_copy(folded)) if copy_ is not None]
     del folded
     assert scorecam_explorer.release_copies(from_module(model)) == 1  # a LoadedModel names its module
     gc.collect()
     assert all(reference() is None for reference in references)
-    assert not runtime.remembers_copy(model, key)
+    assert not rewriting.remembers_copy(model, key)
     assert scorecam_explorer.release_copies(model) == 0  # nothing left to release
 
     compute_cache(model, x, "norm1", progress=False)
-    copy_reference, model_reference = weakref.ref(runtime.folded_batchnorm(model, key)), weakref.ref(model)
+    copy_reference, model_reference = weakref.ref(rewriting.folded_batchnorm(model, key)), weakref.ref(model)
     del model
     gc.collect()
     assert model_reference() is None and copy_reference() is None

@@ -148,6 +148,6 @@ def test_the_command_line_starts_without_torch() -> None:
 
 def test_compute_command_offers_the_engines_precisions() -> None:
     from scorecam_explorer.commands.compute import PRECISIONS as OFFERED
-    from scorecam_explorer.runtime import PRECISIONS
+    from scorecam_explorer.device import PRECISIONS
 
     assert OFFERED == PRECISIONS

@@ -128,11 +128,11 @@ def test_store_equals_single_process_caches(computed_store, references, image_id
 def test_workers_leave_the_allocator_to_their_nanny(client, computed_store) -> None:
     """A nanny sets MALLOC_TRIM_THRESHOLD_ so that freed memory goes back to the system;
     compute_dataset must not override it (mallopt) in the workers unless asked."""
-    from scorecam_explorer import runtime
+    from scorecam_explorer import device
 
     _store, run = computed_store
     assert run.computed  # the workers did compute
-    assert not any(client.run(runtime.allocator_tuned).values())
+    assert not any(client.run(device.allocator_tuned).values())
 
 
 def test_select_image_gives_the_single_image_cache(computed_store, references, image_ids) -> None:

@@ -13,12 +13,12 @@ from torch import nn
 from _tiny_models import batchnorm_cnn, normal
 from _float32 import assert_close_up_to_rounding
 
-from scorecam_explorer import runtime
+from scorecam_explorer import planner, rewriting
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.errors import ImageLoadError, NonFiniteError, ScorecamError, UnknownLayerError
 from scorecam_explorer.models import from_module
 from scorecam_explorer.preprocessing import Preprocessing
-from scorecam_explorer.runtime import Plan
+from scorecam_explorer.planner import Plan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,7 +251,7 @@ def test_progress_bar_can_be_switched_off(tiny, x, capsys):
 
 
 def test_measured_plan_is_one_of_the_candidates_and_remembered(tiny):
-    runtime.forget_plans()
+    planner.forget_plans()
     torch.set_num_threads(2)  # so that a single-thread plan is among the candidates
     loaded = from_module(tiny)
     sizes: list[int] = []
@@ -260,9 +260,9 @@ def test_measured_plan_is_one_of_the_candidates_and_remembered(tiny):
         compute_cache(loaded, normal(24, 3, 32, 32, seed=0), "features.4", progress=False)
     finally:
         handle.remove()
-    candidates = runtime.candidate_plans(torch.device("cpu"))
+    candidates = planner.candidate_plans(torch.device("cpu"))
     assert len(candidates) == 6 and Plan(16, 1) in candidates and Plan(32, 2) in candidates
-    chosen = list(runtime._CHOSEN_PLANS.values())
+    chosen = list(planner._CHOSEN_PLANS.values())
     assert len(chosen) == 1 and chosen[0] in candidates
     assert torch.get_num_threads() == 2  # restored whatever plan won
     # later runs reuse the choice: every full batch has the chosen size
@@ -281,14 +281,14 @@ def test_a_remembered_thread_count_does_not_narrow_the_plans_of_later_runs(tiny)
     count is set."""
     from scorecam_explorer.models import weights_fingerprint
 
-    runtime.forget_plans()
+    planner.forget_plans()
     torch.set_num_threads(2)
     threads_key = (weights_fingerprint(tiny), "cpu", "float32")
-    earlier = runtime.Planner(key=("an earlier layer",), candidates=[Plan(16, 2), Plan(16, 1)], threads_key=threads_key)
+    earlier = planner.Planner(key=("an earlier layer",), candidates=[Plan(16, 2), Plan(16, 1)], threads_key=threads_key)
     while earlier.chosen is None:  # one thread is three times faster there
         plan = earlier.next_plan()
         earlier.record(plan, 0.01 * (3 if plan.threads == 2 else 1) * plan.batch_size, plan.batch_size)
-    assert runtime.remembered_threads(threads_key) == 1
+    assert planner.remembered_threads(threads_key) == 1
     threads: list[int] = []
     handle = tiny.register_forward_pre_hook(lambda *_: threads.append(torch.get_num_threads()))
     try:
@@ -298,7 +298,7 @@ def test_a_remembered_thread_count_does_not_narrow_the_plans_of_later_runs(tiny)
     masked = threads[2:]  # after the unmasked and the baseline pass
     assert 2 in masked and 1 in masked  # both thread counts timed on real batches
     assert torch.get_num_threads() == 2
-    runtime.forget_plans()
+    planner.forget_plans()
 
 
 class StandardisedConv(nn.Conv2d):
@@ -317,7 +317,7 @@ def test_batchnorm_folding_gives_the_same_scores(x):
     assert folded.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # one check pass on the copy
     again = compute_cache(model, x, "5", progress=False, fuse_pointwise=False)
     assert again.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # checked again on every call
-    assert runtime.folded_batchnorm(model, ("another key",)) is not None
+    assert rewriting.folded_batchnorm(model, ("another key",)) is not None
     assert_close_up_to_rounding(folded["5"]["masked_logits"].values, plain["5"]["masked_logits"].values)
     np.testing.assert_array_equal(folded["5"]["constant"].values, plain["5"]["constant"].values)
     np.testing.assert_array_equal(folded["logits"].values, plain["logits"].values)  # capture never folds
@@ -341,7 +341,7 @@ def test_a_model_changed_without_new_weights_gets_a_new_faster_copy(x, change):
 
 def test_a_convolution_subclass_with_its_own_forward_is_not_folded(x):
     model = batchnorm_cnn(StandardisedConv)  # StandardisedConv, BN, ReLU, then a plain Conv2d, BN
-    copy_ = runtime._fold(model)
+    copy_ = rewriting._fold(model)
     assert isinstance(copy_.get_submodule("0"), StandardisedConv) and isinstance(copy_.get_submodule("1"), nn.BatchNorm2d)
     called = {node.target for node in copy_.graph.nodes if node.op == "call_module"}
     assert "1" in called and "4" not in called  # only the plain pair is folded
@@ -355,7 +355,7 @@ def test_a_convolution_subclass_with_its_own_forward_is_not_folded(x):
 
 def test_a_copy_that_differs_on_its_first_call_is_not_used_nor_built_again_for_that_key(x, monkeypatch):
     model = batchnorm_cnn(nn.Conv2d)
-    real_fold, built = runtime._fold, []
+    real_fold, built = rewriting._fold, []
 
     def wrong_fold(module):
         copy_ = real_fold(module)
@@ -364,8 +364,8 @@ def test_a_copy_that_differs_on_its_first_call_is_not_used_nor_built_again_for_t
         built.append(copy_)
         return copy_
 
-    monkeypatch.setattr(runtime, "_fold", wrong_fold)
-    runtime.release_copies(model)
+    monkeypatch.setattr(rewriting, "_fold", wrong_fold)
+    rewriting.release_copies(model)
     options = dict(progress=False, batch_size=5, adapt_threads=False)
     broken = compute_cache(model, x, "5", **options)
     plain = compute_cache(model, x, "5", fold_batchnorm=False, **options)
@@ -396,7 +396,7 @@ def test_folding_leaves_a_convolution_used_twice_alone(x):
     with torch.no_grad():
         model.first.running_mean.fill_(0.5)
         model.second.running_var.fill_(3.0)
-    folded = runtime._fold(model)
+    folded = rewriting._fold(model)
     assert isinstance(folded.last_norm, nn.BatchNorm2d) and isinstance(folded.first, nn.BatchNorm2d)
     assert "last_norm" not in folded.code and "first" in folded.code  # only the unshared pair folded
     with torch.no_grad():
@@ -427,7 +427,7 @@ def test_folding_moves_same_padding_into_the_convolution_and_clamps_in_place():
         for norm in (m for m in model if isinstance(m, nn.BatchNorm2d)):
             norm.running_mean.uniform_(-1, 1)
             norm.running_var.uniform_(0.5, 2)
-    folded = runtime._fold(model)
+    folded = rewriting._fold(model)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     assert type(convs[0]) is nn.Conv2d and convs[0].padding == (1, 1) and convs[0].kernel_size == (3, 3)  # symmetric
     # (a, a + 1): padding a + 1 both sides, the kernel grown by a zero row and column in front
@@ -448,18 +448,18 @@ import numpy as np
 import torch
 sys.path.insert(0, sys.argv[1])
 from _tiny_models import TinyCNN, normal
-from scorecam_explorer import runtime
+from scorecam_explorer import device
 from scorecam_explorer.engine import compute_cache
 
 torch.manual_seed(0)
 model, x = TinyCNN().eval(), normal(2, 3, 32, 32, seed=5)
 options = dict(progress=False, batch_size=5, adapt_threads=False)
-assert not runtime.allocator_tuned(), "tuned before the first call"
+assert not device.allocator_tuned(), "tuned before the first call"
 before = compute_cache(model, x, "features.4", tune_allocator=False, **options)
-assert not runtime.allocator_tuned(), "tuned although tune_allocator=False"
+assert not device.allocator_tuned(), "tuned although tune_allocator=False"
 after = compute_cache(model, x, "features.4", tune_allocator=True, **options)
-if runtime.allocator_tuned() != sys.argv[2].startswith("glibc"):
-    raise AssertionError(f"allocator tuned: {runtime.allocator_tuned()} on {sys.argv[2]}")
+if device.allocator_tuned() != sys.argv[2].startswith("glibc"):
+    raise AssertionError(f"allocator tuned: {device.allocator_tuned()} on {sys.argv[2]}")
 np.testing.assert_array_equal(before["features.4"]["masked_logits"].values, after["features.4"]["masked_logits"].values)
 print("same")
 """

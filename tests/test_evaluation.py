@@ -150,10 +150,10 @@ def test_sanity_in_evaluate(tiny_model, picture_folder):
 def test_the_allocator_is_tuned_only_where_score_cam_runs(tiny_model, picture_folder, monkeypatch):
     """mallopt is process-wide and cannot be undone: Grad-CAM and the metrics never call it;
     Score-CAM does through compute_cache, unless tune_allocator=False."""
-    from scorecam_explorer import runtime
+    from scorecam_explorer import device
 
     calls: list[int] = []
-    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(device, "tune_allocator", lambda: calls.append(1) or True)
     evaluate(tiny_model, picture_folder, methods="gradcam,gradcam++", step_fraction=0.5, sanity=True, max_images=1)
     assert calls == []
     evaluate(tiny_model, picture_folder, methods="scorecam", step_fraction=0.5, max_images=1, tune_allocator=False)

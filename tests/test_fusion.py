@@ -10,7 +10,7 @@ from torch import fx, nn
 from _tiny_models import batchnorm_cnn, normal
 from _float32 import assert_close_up_to_rounding
 
-from scorecam_explorer import runtime
+from scorecam_explorer import rewriting
 from scorecam_explorer.engine import compute_cache
 from scorecam_explorer.fusion import FusedConv2d, fuse_pointwise, pointwise_fusion_available
 from scorecam_explorer.models import weights_fingerprint
@@ -182,7 +182,7 @@ def test_folded_and_fused_resnet18_equals_the_model():
         for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             norm.running_mean.uniform_(-0.1, 0.1)
             norm.running_var.uniform_(0.5, 2)
-    folded = runtime._fold(model)
+    folded = rewriting._fold(model)
     fused = fuse_pointwise(folded)
     assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == 20  # every convolution
     x = torch.randn(2, 3, 64, 64)
@@ -201,7 +201,7 @@ def test_compute_cache_with_fusion_gives_the_scores_of_the_plain_model(tiny_cnn_
         assert_close_up_to_rounding(other["5"]["masked_logits"].values, plain["5"]["masked_logits"].values)
     np.testing.assert_array_equal(fused["5"]["masked_logits"].values, folded["5"]["masked_logits"].values)
     assert fused.attrs["forward_passes"] == plain.attrs["forward_passes"] + 1  # the fused copy's check pass
-    assert not runtime.has_hooks(model)
+    assert not rewriting.has_hooks(model)
 
 
 def test_a_fused_copy_that_differs_is_rejected_and_the_folded_one_used(tiny_cnn_with_batchnorm, monkeypatch):
@@ -210,8 +210,8 @@ def test_a_fused_copy_that_differs_is_rejected_and_the_folded_one_used(tiny_cnn_
     real_forward = FusedConv2d.forward
     monkeypatch.setattr(FusedConv2d, "forward", lambda self, *args: real_forward(self, *args) + 1.0)
     broken = compute_cache(model, x, "5", progress=False)
-    folded = runtime.folded_batchnorm(model, runtime.copy_key(model, weights_fingerprint(model), "cpu"))  # the engine's copy
-    assert folded is not None and runtime.fused_copy(folded) is None  # rejected for good
+    folded = rewriting.folded_batchnorm(model, rewriting.copy_key(model, weights_fingerprint(model), "cpu"))  # the engine's copy
+    assert folded is not None and rewriting.fused_copy(folded) is None  # rejected for good
     monkeypatch.setattr(FusedConv2d, "forward", real_forward)
     plain = compute_cache(model, x, "5", progress=False, fold_batchnorm=False)
     assert_close_up_to_rounding(broken["5"]["masked_logits"].values, plain["5"]["masked_logits"].values)

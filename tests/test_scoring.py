@@ -13,7 +13,7 @@ from _float32 import assert_close_up_to_rounding
 from scorecam_explorer.capture import capture
 from scorecam_explorer.conventions import MASK_CONVENTIONS, MaskConvention, get_convention
 from scorecam_explorer.errors import NonFiniteError, ScorecamError
-from scorecam_explorer.runtime import Plan, Planner
+from scorecam_explorer.planner import Plan, Planner, forget_plans, remembered_threads
 from scorecam_explorer.scoring import baseline_logits, score_layer
 
 
@@ -344,24 +344,22 @@ def drive(planner: Planner, per_image_seconds) -> list[Plan]:
 
 
 def test_planner_picks_threads_then_batch_size_and_prunes_slow_plans():
-    from scorecam_explorer import runtime
-
-    runtime.forget_plans()
+    forget_plans()
     candidates = [Plan(size, threads) for threads in (2, 1) for size in (16, 8, 32)]
     costs = {Plan(16, 2): 0.030, Plan(16, 1): 0.010, Plan(8, 1): 0.012, Plan(32, 1): 0.009,
              Plan(8, 2): 0.031, Plan(32, 2): 0.029}
     planner = Planner(key=("synthetic",), candidates=candidates, threads_key=("model",))
     tried = drive(planner, costs.__getitem__)
     assert planner.chosen == Plan(32, 1)
-    assert runtime.remembered_threads(("model",)) == 1
+    assert remembered_threads(("model",)) == 1
     # the slow two-thread plan is timed once only; no two-thread plan of another size is tried
     assert tried.count(Plan(16, 2)) == 1
     assert {plan for plan in tried if plan.threads == 2} == {Plan(16, 2)}
     assert tried.count(Plan(16, 1)) == planner.samples == tried.count(Plan(32, 1)) == 3
     # remembered: a new planner with the same key measures nothing
     assert Planner(key=("synthetic",), candidates=candidates).next_plan() == Plan(32, 1)
-    runtime.forget_plans()
-    assert runtime.remembered_threads(("model",)) is None
+    forget_plans()
+    assert remembered_threads(("model",)) is None
 
 
 def test_planner_ignores_short_batches_and_single_candidates():
@@ -376,16 +374,16 @@ def test_planner_ignores_short_batches_and_single_candidates():
 def test_allocator_tuning_is_idempotent_on_glibc():
     import platform
 
-    from scorecam_explorer import runtime
+    from scorecam_explorer.device import allocator_tuned, tune_allocator
 
-    first = runtime.tune_allocator()
-    assert runtime.tune_allocator() == first
+    first = tune_allocator()
+    assert tune_allocator() == first
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert first and runtime.allocator_tuned()
+        assert first and allocator_tuned()
 
 
 def test_device_names():
-    from scorecam_explorer.runtime import resolve_device
+    from scorecam_explorer.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
@@ -394,9 +392,7 @@ def test_device_names():
 
 
 def test_planner_switches_when_the_chosen_plan_slows_down():
-    from scorecam_explorer import runtime
-
-    runtime.forget_plans()
+    forget_plans()
     candidates = [Plan(16, 2), Plan(16, 1)]
     costs = {Plan(16, 2): 0.010, Plan(16, 1): 0.016}
     planner = Planner(key=("busy",), candidates=candidates, threads_key=("busy model",))
@@ -407,20 +403,20 @@ def test_planner_switches_when_the_chosen_plan_slows_down():
     assert planner.chosen == Plan(16, 2)  # two slow batches are not enough
     planner.record(Plan(16, 2), 0.05 * 16, 16)
     assert planner.chosen == Plan(16, 1)
-    assert runtime.remembered_threads(("busy model",)) == 1
+    assert remembered_threads(("busy model",)) == 1
     # a later planner for the same key still knows the alternatives and keeps watching
     later = Planner(key=("busy",), candidates=candidates)
     for _ in range(3):
         later.record(Plan(16, 1), 0.2 * 16, 16)
     assert later.chosen == Plan(16, 2)
-    runtime.forget_plans()
+    forget_plans()
 
 
 def test_a_channels_last_folded_copy_stores_its_convolutions_channels_last_and_computes_the_same():
-    from scorecam_explorer import runtime
+    from scorecam_explorer.rewriting import folded_batchnorm
 
     model = batchnorm_cnn()  # non-trivial BatchNorm statistics, so folding changes the weights
-    folded = runtime.folded_batchnorm(model, ("fingerprint", "cpu"), channels_last=True)
+    folded = folded_batchnorm(model, ("fingerprint", "cpu"), channels_last=True)
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Conv2d))  # the model is untouched
@@ -430,10 +426,9 @@ def test_a_channels_last_folded_copy_stores_its_convolutions_channels_last_and_c
 
 
 def test_adapt_threads_false_never_touches_the_thread_count(tiny_cnn, inputs, monkeypatch):
-    from scorecam_explorer import runtime
     from scorecam_explorer.engine import compute_cache
 
-    runtime.forget_plans()
+    forget_plans()
     torch.set_num_threads(2)
     calls: list[int] = []
     real = torch.set_num_threads
@@ -444,7 +439,7 @@ def test_adapt_threads_false_never_touches_the_thread_count(tiny_cnn, inputs, mo
     assert 1 in calls and torch.get_num_threads() == 2  # one thread was tried, then restored
     # the measured plans may differ in batch size: rounding only
     assert_close_up_to_rounding(fixed["features.3"]["masked_logits"].values, adapted["features.3"]["masked_logits"].values)
-    runtime.forget_plans()
+    forget_plans()
 
 
 def test_a_fixed_batch_size_gives_bit_identical_runs_whatever_the_thread_count(tiny_cnn, inputs):

@@ -6,8 +6,7 @@ import argparse
 
 from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
-# The precisions of scorecam_explorer.runtime.PRECISIONS, named here so that this module needs no torch.
-PRECISIONS = ("float32", "bfloat16")
+from scorecam_explorer.device import PRECISIONS  # importing it needs no torch
 
 
 def positive_int(text: str) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from scorecam_explorer.commands._common import add_model_arguments
 from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
+from scorecam_explorer.device import PRECISIONS
 
 if TYPE_CHECKING:
     from scorecam_explorer.models import LoadedModel
@@ -53,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="device on each worker: auto (its GPU if any), cpu, cuda, ...")
     parser.add_argument(
-        "--precision", default="float32", choices=["float32", "bfloat16"], help="compute precision (default: float32)"
+        "--precision", default="float32", choices=list(PRECISIONS), help="compute precision (default: float32)"
     )
     parser.add_argument(
         "--tune-allocator",
