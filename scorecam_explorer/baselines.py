@@ -37,8 +37,7 @@ module, pictures into one input batch, and a target argument into one class per 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
+from scorecam_explorer.capture import eval_mode
 from scorecam_explorer.errors import (
     NonFiniteError,
     ScorecamError,
@@ -117,7 +117,7 @@ def check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
-def resolve_targets(target: TargetLike, logits: torch.Tensor, class_names: Sequence[str] | None) -> list[int]:
+def targets_from_logits(target: TargetLike, logits: torch.Tensor, class_names: Sequence[str] | None) -> list[int]:
     """One class index per image.
 
     ``target`` is None (each image's top-1 class), an int, a class name, or a sequence with one
@@ -157,23 +157,6 @@ def resolve_layer(model: ModelLike, layer: str | None, input_size: int) -> str:
     return layer
 
 
-@contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients inside; every flag restored on exit (also on errors)."""
-    training = {m: m.training for m in module.modules()}
-    requires_grad = {p: p.requires_grad for p in module.parameters()}
-    try:
-        module.eval()
-        for parameter in requires_grad:
-            parameter.requires_grad_(False)
-        yield module
-    finally:
-        for m, flag in training.items():
-            m.training = flag
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
-
-
 def forward_in_batches(
     module: nn.Module, inputs: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> torch.Tensor:
@@ -181,7 +164,7 @@ def forward_in_batches(
     batch_size = check_batch_size(batch_size)
     device = device_of(module)
     outputs = []
-    with evaluation_mode(module), torch.inference_mode():
+    with eval_mode(module), torch.inference_mode():
         for start in range(0, inputs.shape[0], batch_size):
             outputs.append(module(inputs[start : start + batch_size].to(device)).float().cpu())
     logits = torch.cat(outputs)
@@ -235,7 +218,7 @@ def layer_gradients(
     layout only reorders and selects O's entries (:mod:`scorecam_explorer.layouts`).
 
     One forward and one backward pass per batch of images; image n's gradient is taken for its
-    own class c_n (``target`` resolved by :func:`resolve_targets`; None: the top-1 class).
+    own class c_n (``target`` resolved by :func:`targets_from_logits`; None: the top-1 class).
     Images of a batch do not interact in eval mode, so the gradient of sum_n y^{c_n} with
     respect to A gives every image's own gradient.
 
@@ -250,7 +233,7 @@ def layer_gradients(
     if target is not None and not isinstance(target, (int, np.integer, str)) and len(target) != n_images:
         raise UnknownClassError(f"{len(target)} targets given for {n_images} images: give one per image")
     activations, gradients, logits, classes = [], [], [], []
-    with evaluation_mode(module), torch.enable_grad():
+    with eval_mode(module), torch.enable_grad():
         for start in range(0, n_images, batch_size):
             batch = inputs[start : start + batch_size].to(device)
             capture = _LayerCapture(outputs=[], layer=layer, layout=layout)
@@ -269,7 +252,7 @@ def layer_gradients(
             batch_target = target
             if target is not None and not isinstance(target, (int, np.integer, str)):
                 batch_target = list(target)[start : start + batch_size]
-            batch_classes = resolve_targets(batch_target, output.detach(), class_names_of(model))
+            batch_classes = targets_from_logits(batch_target, output.detach(), class_names_of(model))
             leaf = capture.outputs[0]
             scores = output.gather(1, torch.as_tensor(batch_classes, device=device)[:, None]).sum()
             # The parameters and inputs need no gradient here, so the scores need one only

@@ -53,14 +53,20 @@ def check_layer_names(module: nn.Module, names: Sequence[str]) -> list[str]:
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's flag on exit."""
+    """Eval mode and no parameter gradients inside; each submodule's train/eval flag and each
+    parameter's ``requires_grad`` restored on exit, also after an exception."""
     flags = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
     try:
+        module.eval()
+        for parameter, _ in requires_grad:
+            parameter.requires_grad_(False)
         yield module
     finally:
         for sub, training in flags:
             sub.training = training
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
 
 
 @contextmanager

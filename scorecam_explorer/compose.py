@@ -69,6 +69,7 @@ __all__ = [
     "scorecam",
     "top_channels_by_variance",
     "top_channels_by_weight",
+    "upsampling_align_corners",
 ]
 
 ImageSelector = int | str | None
@@ -430,6 +431,12 @@ def _align_corners(preset: Preset, root: _CacheArrays) -> bool:
     if preset.align_corners is not None:
         return preset.align_corners
     return bool(root.mask_convention.get("align_corners", False))
+
+
+def upsampling_align_corners(cache: xr.DataTree, preset: str | Preset = "paper") -> bool:
+    """Whether :func:`scorecam` upsamples ``preset``'s maps of ``cache`` with ``align_corners``:
+    the preset's own choice, else the cache's mask convention's."""
+    return _align_corners(get_preset(preset), _root_arrays(cache))
 
 
 def _map(summed: np.ndarray, preset: Preset, resolution: Resolution, root: _CacheArrays) -> np.ndarray:

@@ -13,7 +13,7 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
@@ -56,6 +56,7 @@ def compute_cache(
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
     precision: str = "float32",
     preprocessing: Preprocessing | None = None,
     class_names: Sequence[str] | None = None,
@@ -79,7 +80,15 @@ def compute_cache(
             ``torchcam`` or a :class:`MaskConvention`); recorded in the cache.
         batch_size: masked inputs per forward pass; None measures the fastest size.
         device: ``"auto"`` (CUDA, then MPS, then CPU), or a device name.
-        progress: show a progress bar.
+        progress: show a progress bar (tqdm) of the masked inputs.
+        on_progress: called as ``on_progress(done, total)`` each time masked inputs are
+            accounted for: after each batch of masked passes, and for the channels whose
+            constant (all-zero) masks the baseline pass stands for. ``total`` is the masked
+            inputs of the call, images x channels of every layer, in model order, layer
+            after layer; ``done`` rises with each call and the last call has ``done ==
+            total``. The unit is masked inputs, not model calls (a model call forwards a
+            batch of them; the cache's ``forward_passes`` counts calls). Independent of
+            ``progress``; an exception it raises stops the computation.
         precision: ``"float32"`` or ``"bfloat16"`` (autocast for the masked and baseline
             passes only; faster on CPUs with AMX and on GPUs, slightly different scores).
         preprocessing: overrides the model's preprocessing (how pictures become inputs,
@@ -175,6 +184,7 @@ def compute_cache(
                 precision=precision,
                 channels_last=channels_last,
                 progress=progress,
+                on_progress=on_progress,
             )
         forward_passes = probe_calls[0] + sum(count[0] for count in calls)
 
@@ -210,11 +220,13 @@ def _score_layers(
     precision: str,
     channels_last: bool,
     progress: bool,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, LayerArrays]:
     """The masked passes of every layer, in model order, with one progress bar."""
     total = sum(int(a.shape[0] * a.shape[1]) for a in activations.values())
     arrays: dict[str, LayerArrays] = {}
     with _progress_bar(total, progress) as bar:
+        advance = _progress_counter(bar, total, on_progress)
         for name, activation in activations.items():
             bar.set_postfix_str(name)
             scores = score_layer(
@@ -227,7 +239,7 @@ def _score_layers(
                 layer=name,
                 precision=precision,
                 channels_last=channels_last,
-                progress=bar.update,
+                progress=advance,
             )
             arrays[name] = LayerArrays(
                 activation=activation.cpu().numpy(),
@@ -376,3 +388,19 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="ch", desc="Score-CAM", disable=not enabled, leave=False)
+
+
+def _progress_counter(bar: Any, total: int, on_progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """What the scoring loop calls with each count of masked inputs: the bar moves, and
+    ``on_progress`` (when given) hears (done so far, total)."""
+    if on_progress is None:
+        return bar.update
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += int(count)
+        bar.update(count)
+        on_progress(done, total)
+
+    return advance

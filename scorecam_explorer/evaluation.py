@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -410,29 +408,13 @@ def _format(value: float | None, key: str) -> str:
 
 
 def write_json_atomically(data: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename.
+    """Write ``data`` as JSON to ``path`` in one step (:func:`scorecam_explorer.files.write_atomically`:
+    a temporary file in the same folder, flushed to disk, then a rename; a new file gets the
+    usual mode, a replaced one keeps its mode). NaN or inf is refused before anything is written."""
+    from scorecam_explorer.files import write_atomically
 
-    The file is flushed to disk before the rename. A new file gets the usual mode (0o666
-    less the umask, applied by the operating system); a replaced file keeps its mode.
-    """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise ScorecamError(f"cannot write {target}: folder {target.parent} does not exist")
-    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=1, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target.exists():
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    return write_atomically(path, lambda file: file.write(text.encode()))
 
 
 # ---- evaluate ----------------------------------------------------------------------------
@@ -483,7 +465,7 @@ def evaluate(
     """
     import torch
 
-    from scorecam_explorer.baselines import model_inputs, resolve_layer, resolve_targets
+    from scorecam_explorer.baselines import model_inputs, resolve_layer, targets_from_logits
     from scorecam_explorer.capture import forward_call_counter
     from scorecam_explorer.metrics import (
         average_drop_increase,
@@ -515,13 +497,13 @@ def evaluate(
     loaded = as_loaded_model(model)
     batch = model_inputs(loaded, image_set.pictures, image_set.ids)
     if target is not None:  # a bad class fails now: checking a given class needs no forward pass
-        resolve_targets(target, torch.zeros(len(batch), len(loaded.class_names)), loaded.class_names)
+        targets_from_logits(target, torch.zeros(len(batch), len(loaded.class_names)), loaded.class_names)
     layer_name = resolve_layer(loaded, layer, int(batch.tensor.shape[2]))
     for image_boxes in chosen_boxes.values():  # a bad box fails now, not after the maps
         for box in as_box_list(image_boxes):
             box_mask(box, int(batch.tensor.shape[2]), int(batch.tensor.shape[3]))
     logits = logits_of(loaded.module, batch.tensor, batch_size)
-    targets = resolve_targets(target, logits, loaded.class_names)
+    targets = targets_from_logits(target, logits, loaded.class_names)
     say(f"{len(batch)} image(s), model {loaded.name}, layer {layer_name}")
 
     per_method: list[xr.Dataset] = []
@@ -535,16 +517,14 @@ def evaluate(
         say(f"{method_label(method)}: maps")
         if needs_masked_passes(method):  # from a cache, which also serves the top-k fidelity
             from scorecam_explorer.compose import scorecam
-            from scorecam_explorer.engine import compute_cache
-            from scorecam_explorer.presets import get_preset
+            from scorecam_explorer.methods.scorecam import scorecam_cache
 
-            cache = compute_cache(
+            cache = scorecam_cache(
                 loaded,
                 batch.tensor,
                 layer_name,
-                convention=convention or get_preset(preset).mask_convention,
-                progress=False,
-                device="cpu" if _on_cpu(loaded.module) else "auto",
+                preset=preset,
+                convention=convention,
                 image_ids=batch.image_ids,
                 tune_allocator=tune_allocator,
             )
@@ -669,11 +649,6 @@ def evaluate(
         skipped=image_set.skipped,
         maps=kept_maps,
     )
-
-
-def _on_cpu(module: Any) -> bool:
-    parameter = next(module.parameters(), None)
-    return parameter is None or parameter.device.type == "cpu"
 
 
 def _package_version() -> str:

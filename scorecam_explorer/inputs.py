@@ -28,6 +28,7 @@ from PIL import Image
 from scorecam_explorer.capture import check_finite
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.images import image_id, load_image
+from scorecam_explorer.kernels import min_max
 from scorecam_explorer.preprocessing import Preprocessing
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -166,10 +167,9 @@ def unique_ids(ids: Iterable[object]) -> list[str]:
 def min_max_pictures(batch: np.ndarray) -> np.ndarray:
     """A viewable uint8 (N, H, W, 3) picture of inputs (N, 3, H, W) whose normalisation is unknown.
 
-    Each image is stretched to 0..255: p = round(255 (X - min X) / (max X - min X)); a
-    constant image becomes 0.
+    Each image is stretched to 0..255: p = round(255 (X - min X) / (max X - min X)), the
+    min-max normalisation of :func:`scorecam_explorer.kernels.min_max` (eps 0) over all of
+    the image's values; a constant image becomes 0.
     """
-    low = batch.min(axis=(1, 2, 3), keepdims=True)
-    high = batch.max(axis=(1, 2, 3), keepdims=True)
-    scaled = (batch - low) / np.where(high > low, high - low, 1.0)
+    scaled = min_max(batch.reshape(batch.shape[0], 1, -1), 0.0).reshape(batch.shape)
     return np.round(np.moveaxis(scaled, 1, -1) * 255).astype(np.uint8)

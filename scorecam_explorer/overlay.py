@@ -8,16 +8,14 @@ in the same folder, then renamed into place, so a reader never sees half a PNG.
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from scorecam_explorer.colormaps import DEFAULT_COLORMAP, apply_colormap
 from scorecam_explorer.errors import ScorecamError
+from scorecam_explorer.files import write_atomically
 from scorecam_explorer.resize import resize_bilinear
 
 
@@ -106,23 +104,6 @@ def overlay_image(
         draw.line((bar_left + bar_width, row, bar_left + bar_width + 3, row), fill="black")
         draw.text((bar_left + bar_width + 5, row - 5), f"{value:g}", fill="black", font=font)
     return canvas
-
-
-def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a new file beside ``path``, then rename it to ``path``."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise ScorecamError(f"cannot write {target}: the folder {target.parent} does not exist.")
-    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        # os.open with mode 0o666 lets the umask decide the permissions, as for any new file.
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-            write(file)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
 
 
 def save_overlay(

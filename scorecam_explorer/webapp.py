@@ -239,6 +239,7 @@ def prepare_cache(
     afresh whatever is there (a folder that is not a cache is never replaced).
     ``report`` receives the progress (loading, computing layer k of n) for the app's pages.
     """
+    from scorecam_explorer.cache import cache_layers
     from scorecam_explorer.conventions import DEFAULT_CONVENTION
 
     path = Path(cache_path).expanduser() if cache_path is not None else None
@@ -247,7 +248,7 @@ def prepare_cache(
     if serve_as_is and path.exists() and not recompute:
         report(AppStatus("loading", f"Opening the cache {path.name}"))
         cache = open_existing(path, given_alone=True)
-        return PreparedCache(path, "opened", _layers(cache), model_name=str(cache.attrs.get("model_name", "")), tree=cache)
+        return PreparedCache(path, "opened", cache_layers(cache), model_name=str(cache.attrs.get("model_name", "")), tree=cache)
 
     report(AppStatus("loading", "Loading the model"))
     from scorecam_explorer.images import load_image
@@ -270,33 +271,33 @@ def prepare_cache(
         report(AppStatus("loading", f"Checking the cache {path.name}"))
         cache = open_existing(path)
         check_reusable(cache, path, model, convention, identifier, pixels)
-        missing = [layer for layer in wanted if layer not in _layers(cache)]
+        missing = [layer for layer in wanted if layer not in cache_layers(cache)]
         if not missing:
-            return PreparedCache(path, "reused", _layers(cache), model_name=model.name, tree=cache)
+            return PreparedCache(path, "reused", cache_layers(cache), model_name=model.name, tree=cache)
         log(f"adding layer(s) {', '.join(missing)} to {path} ...")
         from scorecam_explorer.cache import save_cache
         from scorecam_explorer.explorer.model_link import compute_layers
 
         started = time.perf_counter()
-        with reporting_progress(report, missing):
-            cache = compute_layers(cache, model, missing, progress=progress)
+        cache = compute_layers(cache, model, missing, progress=progress, on_progress=progress_reporter(report, model, missing))
         save_cache(cache, path, overwrite=True)
-        return PreparedCache(path, "extended", _layers(cache), time.perf_counter() - started, model.name)
+        return PreparedCache(path, "extended", cache_layers(cache), time.perf_counter() - started, model.name)
 
     from scorecam_explorer.cache import save_cache
     from scorecam_explorer.engine import compute_cache
 
     log(f"computing Score-CAM for {identifier} at {', '.join(wanted)} (one forward pass per channel) ...")
     started = time.perf_counter()
-    with reporting_progress(report, wanted):
-        cache = compute_cache(model, image, wanted, convention=convention, progress=progress)
+    cache = compute_cache(
+        model, image, wanted, convention=convention, progress=progress, on_progress=progress_reporter(report, model, wanted)
+    )
     report(AppStatus("loading", "Saving the cache"))
     path.parent.mkdir(parents=True, exist_ok=True)
     if recompute and path.exists():
         replace_cache(cache, path)
     else:
         save_cache(cache, path)
-    return PreparedCache(path, "computed", _layers(cache), time.perf_counter() - started, model.name)
+    return PreparedCache(path, "computed", cache_layers(cache), time.perf_counter() - started, model.name)
 
 
 def _looks_like_damaged_cache(path: Path) -> bool:
@@ -320,10 +321,6 @@ def replace_cache(cache: xr.DataTree, path: Path) -> None:
         os.rename(aside, path)
         raise
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _layers(cache: xr.DataTree) -> list[str]:
-    return [str(name) for name in json.loads(cache.attrs.get("layers", "[]"))]
 
 
 # ---- serving ----------------------------------------------------------------------------
@@ -431,62 +428,34 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 60.
     return False
 
 
-@contextlib.contextmanager
-def reporting_progress(report: Reporter, layers: Sequence[str]) -> Iterator[None]:
-    """While computing ``layers``, pass "computing layer k of n" to ``report``.
+def progress_reporter(report: Reporter, model: LoadedModel, layers: Sequence[str]) -> Callable[[int, int], None]:
+    """An ``on_progress`` for :func:`~scorecam_explorer.engine.compute_cache` of ``layers``
+    that passes "computing layer k of n" to ``report``: the start at once, then at each new
+    layer, at the end, and otherwise at most every half second.
 
-    The engine shows one progress bar over every layer's channels and names the layer it is
-    on; this follows that bar (a proxy around it), at most every half second.
+    The engine counts the masked inputs of every layer together (images x channels), layer
+    after layer in model order; the layer a count falls in follows from the layers' channel
+    counts (the model's probed shapes).
     """
-    from scorecam_explorer import engine
-
-    original = getattr(engine, "_progress_bar", None)
-    if original is None:  # nothing to follow: one report for the whole computation
-        report(AppStatus("computing", f"{len(layers)} layer(s)", 0, len(layers)))
-        yield
-        return
-    order = list(layers)
+    channels = {info.name: info.channels for info in model.layers(listed_only=False)}
+    wanted = set(layers)
+    order = [name for name in channels if name in wanted] + [name for name in layers if name not in channels]
+    ends = [int(end) for end in np.cumsum([channels.get(name, 0) for name in order])]  # per image
+    per_image = ends[-1] if ends else 0
+    state = {"step": 0, "last": 0.0}
     report(AppStatus("computing", order[0] if order else "", 0, len(order)))
 
-    class Followed:
-        def __init__(self, bar: Any) -> None:
-            self._bar, self._layer, self._done, self._last = bar, "", 0, 0.0
+    def on_progress(done: int, total: int) -> None:
+        # layer k holds the counts below total * ends[k] / per_image (in integers: no rounding)
+        step = next((k for k, end in enumerate(ends) if done * per_image < total * end), max(len(order) - 1, 0))
+        now = time.monotonic()
+        if step == state["step"] and done < total and now - state["last"] < 0.5:
+            return
+        state.update(step=step, last=now)
+        layer = order[step] if order else ""
+        report(AppStatus("computing", f"{layer} ({done} of {total} channels in all)", step, len(order), done=done, total=total))
 
-        def __enter__(self) -> Followed:
-            self._bar.__enter__()
-            return self
-
-        def __exit__(self, *exc: Any) -> Any:
-            return self._bar.__exit__(*exc)
-
-        def set_postfix_str(self, text: str, *args: Any, **kwargs: Any) -> None:
-            self._layer = text
-            self._send(force=True)
-            self._bar.set_postfix_str(text, *args, **kwargs)
-
-        def update(self, n: int = 1) -> Any:
-            self._done += int(n)
-            self._send()
-            return self._bar.update(n)
-
-        def _send(self, force: bool = False) -> None:
-            now = time.monotonic()
-            if not force and now - self._last < 0.5:
-                return
-            self._last = now
-            step = order.index(self._layer) if self._layer in order else 0
-            total = getattr(self._bar, "total", 0) or 0
-            detail = f"{self._layer} ({self._done} of {total} channels in all)" if total else self._layer
-            report(AppStatus("computing", detail, step, len(order), done=self._done, total=total))
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._bar, name)
-
-    engine._progress_bar = lambda total, enabled: Followed(original(total, enabled))
-    try:
-        yield
-    finally:
-        engine._progress_bar = original
+    return on_progress
 
 
 RECENT_CACHES = "app-recent.json"

@@ -262,17 +262,17 @@ def default_model_picture(name: str):
 
 
 def test_class_names_follow_the_rules_of_compose(tiny_cnn):
-    from scorecam_explorer.baselines import resolve_targets
+    from scorecam_explorer.baselines import targets_from_logits
     from scorecam_explorer.models import from_module, imagenet_class_names
 
     names = imagenet_class_names()
     logits = torch.zeros(1, 1000)
-    assert resolve_targets(" tabby", logits, names) == [281]  # spaces and case are ignored
-    assert resolve_targets("TABBY ", logits, names) == [281]
+    assert targets_from_logits(" tabby", logits, names) == [281]  # spaces and case are ignored
+    assert targets_from_logits("TABBY ", logits, names) == [281]
     with pytest.raises(UnknownClassError, match="ambiguous: classes 264, 474"):  # "Cardigan" and "cardigan"
-        resolve_targets("cardigan", logits, names)
+        targets_from_logits("cardigan", logits, names)
     with pytest.raises(UnknownClassError, match="Did you mean: tabby"):
-        resolve_targets("tabbyy", logits, names)
+        targets_from_logits("tabbyy", logits, names)
     model = from_module(tiny_cnn, class_names=[f"thing{i}" for i in range(8)] + ["Twin", "twin"], input_size=32)
     inputs = normal(1, 3, 32, 32, seed=9)
     with pytest.raises(UnknownClassError, match="ambiguous: classes 8, 9"):

@@ -165,7 +165,13 @@ def test_call_counter_counts_and_is_removed(tiny_cnn, inputs):
 
 def test_eval_mode_restores_after_exception(tiny_cnn):
     tiny_cnn.train()
+    tiny_cnn.features[0].eval()
+    tiny_cnn.features[0].weight.requires_grad_(False)  # mixed flags must come back exactly
+    training = [module.training for module in tiny_cnn.modules()]
+    requires_grad = [parameter.requires_grad for parameter in tiny_cnn.parameters()]
     with pytest.raises(ValueError), eval_mode(tiny_cnn):
-        assert not tiny_cnn.training
+        assert not any(module.training for module in tiny_cnn.modules())
+        assert not any(parameter.requires_grad for parameter in tiny_cnn.parameters())
         raise ValueError
-    assert tiny_cnn.training
+    assert [module.training for module in tiny_cnn.modules()] == training
+    assert [parameter.requires_grad for parameter in tiny_cnn.parameters()] == requires_grad

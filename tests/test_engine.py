@@ -250,6 +250,34 @@ def test_progress_bar_can_be_switched_off(tiny, x, capsys):
     assert "Score-CAM" in capsys.readouterr().err
 
 
+def test_on_progress_hears_every_masked_input(tiny, x, capsys):
+    """(done, total): done rises with each call and ends at total, the masked inputs of every
+    layer (images x channels); those the model forwarded plus the constant channels that the
+    baseline pass stands for make up that total."""
+    heard: list[tuple[int, int]] = []
+    inputs: list[int] = []
+    loaded = from_module(tiny)
+    loaded.layers()  # probed now, so that the hook below sees the engine's passes only
+    handle = tiny.register_forward_pre_hook(lambda _module, args: inputs.append(int(args[0].shape[0])))
+    try:
+        cache = compute_cache(
+            loaded, x, ["features.1", "features.4"], progress=False, on_progress=lambda done, total: heard.append((done, total)),
+            batch_size=5, fold_batchnorm=False, device="cpu",
+        )
+    finally:
+        handle.remove()
+    assert capsys.readouterr().err == ""  # no bar: on_progress does not need one
+    total = sum(cache[name].sizes["image"] * cache[name].sizes["channel"] for name in ("features.1", "features.4"))
+    done = [count for count, _ in heard]
+    assert {t for _, t in heard} == {total}
+    assert all(b > a for a, b in zip(done, done[1:])) and done[-1] == total
+    constant = sum(int(cache[name]["constant"].values.sum()) for name in ("features.1", "features.4"))
+    images = cache.sizes["image"]
+    # the hook saw the unmasked and the baseline pass of every image, then the masked inputs
+    assert sum(inputs) - 2 * images == total - constant
+    assert len(inputs) == int(cache.attrs["forward_passes"])
+
+
 def test_measured_plan_is_one_of_the_candidates_and_remembered(tiny):
     planner.forget_plans()
     torch.set_num_threads(2)  # so that a single-thread plan is among the candidates

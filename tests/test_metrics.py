@@ -387,6 +387,56 @@ def test_topk_fidelity_default_ks(tiny_cache):
     assert np.all(np.diff(result.values, axis=1)[:, -1] >= 0)  # the last step reaches r = 1
 
 
+def topk_fidelity_map_by_map(cache, layer, target, ks, preset, resolution):
+    """Top-k fidelity as it was computed before the kernel: each top-k map composed, then r."""
+    from scorecam_explorer.compose import scorecam, top_channels_by_weight
+
+    full = scorecam(cache, layer, target, preset=preset, resolution=resolution)
+    targets = [int(t) for t in full.coords["target"].values]
+    values = np.empty((full.sizes["image"], len(ks)))
+    for column, k in enumerate(ks):
+        kept = top_channels_by_weight(cache, layer, targets, int(k), preset=preset)
+        partial = scorecam(cache, layer, targets, preset=preset, channels=kept, resolution=resolution)
+        for row in range(full.sizes["image"]):
+            values[row, column] = pearson(partial.values[row], full.values[row])
+    return values
+
+
+@pytest.mark.parametrize("preset", ["paper", "official", "pytorch-grad-cam", "torchcam"])
+@pytest.mark.parametrize("resolution", ["input", "feature"])
+@pytest.mark.parametrize("convention", ["paper", "pytorch-grad-cam"])  # align_corners False, True
+def test_topk_fidelity_is_unchanged_by_the_shared_kernel(preset, resolution, convention):
+    """The kernel's r equals the map-by-map r (float32 maps) to rounding, NaN where it was NaN:
+    every preset, both resolutions, both align_corners of the cache's convention, given
+    classes, each image's top-1 class, and a top-1 map that ReLU empties."""
+    from _tiny_models import TinyCNN
+
+    from scorecam_explorer.engine import compute_cache
+
+    torch.manual_seed(1)
+    model = TinyCNN().eval()
+    inputs = torch.randn(3, 3, 37, 29)
+    cache = compute_cache(model, inputs, "features.3", convention=convention, progress=False, device="cpu")
+    node = cache["features.3"].to_dataset(inherit=False)
+    assert node.sizes["fy"] < 37  # the maps are upsampled to the input
+    for target in (None, [1, 4, 7]):
+        ks = [1, 2, 3, 5, 8, 16]
+        new = topk_fidelity(cache, "features.3", target, ks, preset=preset, resolution=resolution)
+        old = topk_fidelity_map_by_map(cache, "features.3", target, ks, preset, resolution)
+        np.testing.assert_allclose(new.values, old, rtol=0, atol=1e-6)  # NaN where NaN
+    # the heaviest channel of image 0 made negative everywhere: its top-1 map is all zero
+    from scorecam_explorer.compose import channel_weights
+
+    heaviest = int(np.argmax(channel_weights(cache, "features.3", 2, preset=preset, image=0).values))
+    activation = node["activation"].values.copy()
+    activation[0, heaviest] = -1.0 - np.abs(activation[0, heaviest])
+    tree = cache.copy()
+    tree["features.3"] = node.assign(activation=(node["activation"].dims, activation))
+    new = topk_fidelity(tree, "features.3", 2, [1, 2, 16], preset=preset, resolution=resolution)
+    old = topk_fidelity_map_by_map(tree, "features.3", 2, [1, 2, 16], preset, resolution)
+    np.testing.assert_allclose(new.values, old, rtol=0, atol=1e-6)
+
+
 def test_sanity_check_scorecam_against_a_manual_cascade(tiny_cache):
     import copy
 

@@ -23,6 +23,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_help: str = WEI
     parser.add_argument("--weights", default="DEFAULT", help=weights_help)
 
 
+def add_convention_argument(parser: argparse.ArgumentParser) -> None:
+    """``--convention NAME``: how activations become masks (default: the engine's)."""
+    from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
+
+    parser.add_argument(
+        "--convention",
+        default=DEFAULT_CONVENTION,
+        choices=list(MASK_CONVENTIONS),
+        help=f"how activations become masks (default: {DEFAULT_CONVENTION})",
+    )
+
+
 def model_from_arguments(args: argparse.Namespace) -> LoadedModel:
     """Load the model the arguments name."""
     from scorecam_explorer.models import load_model

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
-from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
+from scorecam_explorer.commands._common import add_convention_argument, add_model_arguments, model_from_arguments
 from scorecam_explorer.device import PRECISIONS  # importing it needs no torch
 
 
@@ -49,12 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "see `scorecam-explorer layers`)"
         ),
     )
-    parser.add_argument(
-        "--convention",
-        default=DEFAULT_CONVENTION,
-        choices=list(MASK_CONVENTIONS),
-        help=f"how activations become masks (default: {DEFAULT_CONVENTION})",
-    )
+    add_convention_argument(parser)
     parser.add_argument(
         "--batch-size",
         type=positive_int,

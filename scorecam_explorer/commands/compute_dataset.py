@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from scorecam_explorer.commands._common import add_model_arguments
-from scorecam_explorer.conventions import DEFAULT_CONVENTION, MASK_CONVENTIONS
+from scorecam_explorer.commands._common import add_convention_argument, add_model_arguments
 from scorecam_explorer.device import PRECISIONS
 
 if TYPE_CHECKING:
@@ -43,12 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, help="worker processes of the local cluster (default: one per core, or 1 with a GPU)"
     )
-    parser.add_argument(
-        "--convention",
-        default=DEFAULT_CONVENTION,
-        choices=list(MASK_CONVENTIONS),
-        help=f"how activations become masks (default: {DEFAULT_CONVENTION})",
-    )
+    add_convention_argument(parser)
     parser.add_argument(
         "--batch-size", type=int, help="masked inputs per forward pass (default: measured by each worker)"
     )

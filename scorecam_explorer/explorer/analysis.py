@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from scorecam_explorer.cache import convention_fields
-from scorecam_explorer.compose import cached_layers, channel_weights, scorecam
+from scorecam_explorer.compose import cached_layers, channel_weights, scorecam, upsampling_align_corners
 from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
 from scorecam_explorer.kernels import cumulative_fidelity, engine_mask, pearson, rank_order, softmax
 from scorecam_explorer.presets import get_preset
@@ -164,12 +164,6 @@ def describe_r(r: float, digits: int = 3) -> str:
     return "undefined (constant map)" if not np.isfinite(r) else f"{r:.{digits}f}"
 
 
-def _align_corners(cache: xr.DataTree, preset_align: bool | None) -> bool:
-    if preset_align is not None:
-        return preset_align
-    return bool(mask_convention(cache).get("align_corners", False))
-
-
 def _sampled_ks(count: int, limit: int) -> np.ndarray:
     """1..count if that fits ``limit`` values; else every k up to limit / 2, then a geometric
     grid up to ``count`` (always included): about ``limit`` values in all."""
@@ -222,7 +216,7 @@ def fidelity_curve(
         full,
         switched_off=switched_off,
         relu_at=chosen.relu_at,
-        align_corners=_align_corners(cache, chosen.align_corners),
+        align_corners=upsampling_align_corners(cache, chosen),
         max_points=max_points,
         attrs={"layer": layer, "preset": chosen.name},
     )

@@ -70,9 +70,16 @@ def merge_layers(cache: xr.DataTree, extra: xr.DataTree, order: Sequence[str] | 
 
 
 def compute_layers(
-    cache: xr.DataTree, model: LoadedModel, layers: Sequence[str], *, progress: bool = True
+    cache: xr.DataTree,
+    model: LoadedModel,
+    layers: Sequence[str],
+    *,
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> xr.DataTree:
     """``cache`` plus the Score-CAM passes of ``layers`` for its pictures (same convention).
+
+    ``progress`` and ``on_progress`` are those of :func:`~scorecam_explorer.engine.compute_cache`.
 
     The model's input is the cache's ``input`` (so the pictures are exactly the same), the
     class names and image ids are the cache's, and the masked passes run in the cache's
@@ -92,6 +99,7 @@ def compute_layers(
         convention=cache_convention(cache),
         precision=cache_precision(cache),
         progress=progress,
+        on_progress=on_progress,
         class_names=[str(name) for name in cache["class_name"].values],
         image_ids=[str(name) for name in cache["image"].values],
     )

@@ -24,6 +24,41 @@ from scorecam_explorer.methods.registry import Method, register
 DEFAULT_BATCH_SIZE = 16
 
 
+def scorecam_cache(
+    model: Any,
+    inputs: Any,
+    layer: str,
+    *,
+    preset: str = "paper",
+    convention: str | None = None,
+    batch_size: int | None = None,
+    image_ids: Any = None,
+    tune_allocator: bool = True,
+    **options: Any,
+) -> Any:
+    """The cache Score-CAM's maps of ``layer`` come from: ``compute_cache`` with the mask
+    ``convention`` (default: the ``preset``'s), no progress bar, on the CPU when the model's
+    parameters are there (else the engine's choice of device). ``batch_size`` None lets the
+    engine measure it; ``options`` go to ``compute_cache`` as they are (``preprocessing``,
+    ``class_names``, ...)."""
+    from scorecam_explorer.baselines import device_of, module_of
+    from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.presets import get_preset
+
+    return compute_cache(
+        model,
+        inputs,
+        layer,
+        convention=convention or get_preset(preset).mask_convention,
+        progress=False,
+        batch_size=batch_size,
+        device="cpu" if device_of(module_of(model)).type == "cpu" else "auto",
+        image_ids=image_ids,
+        tune_allocator=tune_allocator,
+        **options,
+    )
+
+
 def scorecam_maps(
     model: Any,
     inputs: Any,
@@ -41,40 +76,35 @@ def scorecam_maps(
     convention (default: the preset's). The map's ``forward_passes`` attribute holds the
     model calls the engine recorded.
     """
+    import torch
+
     from scorecam_explorer.baselines import (
         check_batch_size,
         class_names_of,
         model_inputs,
         module_of,
         resolve_layer,
-        resolve_targets,
+        targets_from_logits,
     )
     from scorecam_explorer.compose import scorecam
-    from scorecam_explorer.engine import compute_cache
-    from scorecam_explorer.presets import get_preset
 
     batch_size = check_batch_size(batch_size)
     batch = model_inputs(model, inputs)
     layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
-    module = module_of(model)
-    parameter = next(module.parameters(), None)
-    cache = compute_cache(
-        module,
+    cache = scorecam_cache(
+        module_of(model),
         batch.tensor,
         layer_name,
-        convention=convention or get_preset(preset).mask_convention,
-        progress=False,
+        preset=preset,
+        convention=convention,
         batch_size=batch_size,
-        device="cpu" if parameter is None or parameter.device.type == "cpu" else "auto",
-        preprocessing=getattr(model, "preprocessing", None),
-        class_names=class_names_of(model),
         image_ids=batch.image_ids,
         tune_allocator=tune_allocator,
+        preprocessing=getattr(model, "preprocessing", None),
+        class_names=class_names_of(model),
     )
-    import torch
-
     logits = torch.from_numpy(cache["logits"].values)
-    targets = resolve_targets(target, logits, class_names_of(model))
+    targets = targets_from_logits(target, logits, class_names_of(model))
     maps = scorecam(cache, layer_name, targets, preset=preset)
     maps.attrs.update({"method": "scorecam", "layer": layer_name, "forward_passes": int(cache.attrs["forward_passes"])})
     return maps

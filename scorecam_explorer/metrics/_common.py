@@ -18,11 +18,11 @@ from scorecam_explorer.baselines import (
     check_batch_size,
     class_names_of,
     device_of,
-    evaluation_mode,
     model_inputs,
     module_of,
-    resolve_targets,
+    targets_from_logits,
 )
+from scorecam_explorer.capture import eval_mode
 from scorecam_explorer.kernels import pearson  # the one rule (NaN for a constant map), shared with the explorer
 from scorecam_explorer.errors import NonFiniteError, ScorecamError
 from scorecam_explorer.inputs import InputBatch
@@ -67,7 +67,7 @@ def targets_for(model: ModelLike, maps: MapsLike, target: TargetLike, logits: to
     """The class of each image: ``target`` if given, else the maps' ``target`` coordinate, else top-1."""
     if target is None and isinstance(maps, xr.DataArray) and "target" in maps.coords:
         target = [int(t) for t in np.atleast_1d(maps.coords["target"].values)]
-    return resolve_targets(target, logits, class_names_of(model))
+    return targets_from_logits(target, logits, class_names_of(model))
 
 
 def batched_probabilities(
@@ -82,7 +82,7 @@ def batched_probabilities(
     module = module_of(model)
     device = device_of(module)
     probabilities, passes = [], 0
-    with evaluation_mode(module), torch.inference_mode():
+    with eval_mode(module), torch.inference_mode():
         for batch, classes in inputs:
             logits = module(batch.to(device)).float()
             if not torch.isfinite(logits).all():

@@ -9,9 +9,9 @@ upsampling and normalisation as the full map L_C). Fidelity at k is
 
 so r(C) = 1, and a curve that reaches 0.99 at small k says a few channels carry the
 explanation (the idea behind Faster Score-CAM's channel pruning). Computed from the cache
-only (:func:`scorecam_explorer.compose.scorecam` with
-:func:`~scorecam_explorer.compose.top_channels_by_weight`): no forward pass. r is NaN when
-either map is constant (all zero after ReLU).
+only, with the explorer's rule (:func:`scorecam_explorer.kernels.cumulative_fidelity`: r is
+invariant to the normalisations, so L_k need not be composed map by map): no forward pass.
+r is NaN when either map is constant (all zero after ReLU).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import xarray as xr
 from scorecam_explorer.baselines import TargetLike
 from scorecam_explorer.cache import cache_layers
 from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
-from scorecam_explorer.metrics._common import pearson, protocol_attrs
+from scorecam_explorer.kernels import cumulative_fidelity, rank_order
+from scorecam_explorer.metrics._common import protocol_attrs
 
 
 def default_ks(n_channels: int) -> list[int]:
@@ -64,21 +65,33 @@ def topk_fidelity(
     to evaluate (default 1, 2, 4, ..., C). Attribute ``mean_by_k`` (JSON: k -> mean r over
     the images where it is defined), ``protocol``, ``forward_passes`` (0).
     """
-    from scorecam_explorer.compose import scorecam, top_channels_by_weight
+    from scorecam_explorer.compose import channel_weights, scorecam, upsampling_align_corners
+    from scorecam_explorer.presets import get_preset
 
     layer = cache_layer(cache, layer)
     n_channels = int(cache[layer].sizes["channel"])
     ks = list(ks) if ks is not None else default_ks(n_channels)
     if not ks or any(isinstance(k, bool) or int(k) != k or not 1 <= int(k) <= n_channels for k in ks):
         raise ScorecamError(f"every k must be an integer in 1..{n_channels} (the layer's channels); got {ks}")
-    full = scorecam(cache, layer, target, preset=preset, resolution=resolution)
+    chosen = get_preset(preset)
+    full = scorecam(cache, layer, target, preset=chosen, resolution=resolution)
     targets = [int(t) for t in full.coords["target"].values]
+    weights = channel_weights(cache, layer, targets, preset=chosen).values
+    activation = cache[layer]["activation"].transpose("image", "channel", "fy", "fx").values
+    # the full map's ReLU: after upsampling only for such a preset's input-resolution maps
+    relu_at = chosen.relu_at if resolution == "input" else "feature"
+    align = upsampling_align_corners(cache, chosen)
+    chosen_ks = np.asarray([int(k) for k in ks])
     values = np.empty((full.sizes["image"], len(ks)))
-    for column, k in enumerate(ks):
-        kept = top_channels_by_weight(cache, layer, targets, int(k), preset=preset)
-        partial = scorecam(cache, layer, targets, preset=preset, channels=kept, resolution=resolution)
-        for row in range(full.sizes["image"]):
-            values[row, column] = pearson(partial.values[row], full.values[row])
+    for row in range(full.sizes["image"]):
+        order = rank_order(weights[row])  # the k heaviest channels come first (ties: lower id)
+        if relu_at == "feature":  # every k at once, in float64, then the k asked for
+            every_k = cumulative_fidelity(weights[row], activation[row], full.values[row], order, None, align_corners=align)
+            values[row] = every_k[chosen_ks - 1]
+        else:
+            values[row] = cumulative_fidelity(
+                weights[row], activation[row], full.values[row], order, chosen_ks, relu_at=relu_at, align_corners=align
+            )
     means = {
         int(k): (float(np.nanmean(values[:, i])) if np.isfinite(values[:, i]).any() else None)
         for i, k in enumerate(ks)
