@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "save_cache": "scorecam_explorer.cache",
     "load_cache": "scorecam_explorer.cache",
     "check_cache_matches": "scorecam_explorer.cache",
+    "MaskSampler": "scorecam_explorer.sampling",
+    "ScoreCamSampler": "scorecam_explorer.sampling",
     # maps from the cache
     "scorecam": "scorecam_explorer.compose",
     "channel_contributions": "scorecam_explorer.compose",

@@ -33,6 +33,7 @@ from scorecam_explorer._version import __version__
 from scorecam_explorer.conventions import MaskConvention, get_convention
 from scorecam_explorer.device import PRECISIONS
 from scorecam_explorer.errors import CacheError, ScorecamError
+from scorecam_explorer.sampling import MaskSampler, get_sampler, sampler_fields
 
 SCHEMA = "scorecam_explorer.cache/1"
 """The value of the ``schema`` attribute of every cache this version writes and reads."""
@@ -113,10 +114,12 @@ def build_cache(
     device: str,
     forward_passes: int,
     seconds: float,
+    sampler: MaskSampler | None = None,
 ) -> xr.DataTree:
     """Assemble and validate a cache from numpy arrays (see ``docs/cache.md``).
 
     ``layers`` must be in model order (shallow to deep); its keys become the node names.
+    ``sampler`` (default Score-CAM's) is recorded in the ``mask_sampler`` attribute.
     """
     n_images = inputs.shape[0]
     root = xr.Dataset(
@@ -137,6 +140,7 @@ def build_cache(
             "weights_fingerprint": str(weights_fingerprint),
             "preprocessing": json.dumps(dict(preprocessing) if preprocessing is not None else None, sort_keys=True),
             "mask_convention": convention.to_json(),
+            "mask_sampler": get_sampler(sampler).to_json(),
             "dtype": str(dtype),
             "device": str(device),
             "forward_passes": int(forward_passes),
@@ -202,6 +206,18 @@ def cache_convention(cache: xr.DataTree) -> MaskConvention:
     return MaskConvention.from_json(cache.attrs["mask_convention"])
 
 
+def cache_sampler(cache: xr.DataTree) -> dict[str, Any]:
+    """The mask sampler the cache was computed with: its recorded fields (``name``,
+    ``samples`` and the sampler's parameters), Score-CAM's (``{"name": "scorecam", "samples":
+    1}``) for a cache without a ``mask_sampler`` attribute; CacheError when it is malformed.
+    Rebuild a built-in sampler from them with
+    :func:`scorecam_explorer.sampling.sampler_from_fields`."""
+    try:
+        return sampler_fields(cache.attrs)
+    except ScorecamError as error:
+        raise CacheError(str(error)) from None
+
+
 def validate_cache(cache: xr.DataTree, *, check_values: bool = True) -> xr.DataTree:
     """Check that ``cache`` follows the schema; returns it, or raises CacheError saying why.
 
@@ -223,8 +239,11 @@ def validate_cache(cache: xr.DataTree, *, check_values: bool = True) -> xr.DataT
     try:
         layers = recorded_layers(cache.attrs)
         cache_convention(cache)
+        sampler_fields(cache.attrs)  # optional: absent means Score-CAM
     except (ValueError, TypeError, ScorecamError) as error:
-        raise CacheError(f"the cache's 'layers' or 'mask_convention' attribute is malformed: {error}") from None
+        raise CacheError(
+            f"the cache's 'layers', 'mask_convention' or 'mask_sampler' attribute is malformed: {error}"
+        ) from None
     root = cache.dataset
     _check_variables(root, ROOT_VARIABLES, "the root node")
     n_images, n_classes = root.sizes["image"], root.sizes["class"]
@@ -483,6 +502,7 @@ def check_cache_matches(
     convention: str | MaskConvention | None = None,
     layers: str | Sequence[str] | None = None,
     images: str | Sequence[str] | None = None,
+    sampler: str | MaskSampler | None = None,
 ) -> xr.DataTree:
     """Refuse (CacheError, with the reason) a cache that was not made with these settings.
 
@@ -493,6 +513,9 @@ def check_cache_matches(
             cache's (``paper`` and ``official`` do).
         layers: layer name(s) that must be cached.
         images: image id(s) that must be cached.
+        sampler: a mask sampler (name or object) whose name, samples and parameters must be
+            the cache's (a cache without a ``mask_sampler`` attribute is Score-CAM's). None
+            checks nothing.
 
     Returns the cache, so calls can be chained.
     """
@@ -517,6 +540,14 @@ def check_cache_matches(
             raise CacheError(
                 f"the cache's masks follow the {recorded.name!r} convention ({recorded.to_json()}), "
                 f"not {wanted.name!r} ({wanted.to_json()}); recompute it with convention={wanted.name!r}."
+            )
+    if sampler is not None:
+        wanted_sampler = get_sampler(sampler).describe()
+        recorded_sampler = cache_sampler(cache)
+        if wanted_sampler != recorded_sampler:
+            raise CacheError(
+                f"the cache's masked inputs were sampled by {json.dumps(recorded_sampler, sort_keys=True)}, "
+                f"not {json.dumps(wanted_sampler, sort_keys=True)}; recompute it with that sampler."
             )
     if layers is not None:
         cached = cache_layers(cache)

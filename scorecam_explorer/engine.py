@@ -6,7 +6,10 @@ For images X_1..X_N and each requested layer with channels A_1..A_C:
     baseline_logits[i]     = f(X_i * 0)             one pass for all-zero masks
     masked_logits[i, k, :] = f(X_i∘H_ik)          one pass per non-constant channel
 
-where H_ik is channel k's mask under the chosen convention. A Score-CAM map for any class,
+where H_ik is channel k's mask under the chosen convention. A mask sampler
+(:mod:`scorecam_explorer.sampling`) may forward S masked inputs M_ik^(s) per channel
+instead; masked_logits[i, k, :] is then the mean of their S outputs (Score-CAM's sampler, the
+default, has S = 1 and M_ik = X_i∘H_ik). A Score-CAM map for any class,
 weighting or channel subset is then a function of these arrays alone
 (:mod:`scorecam_explorer.compose`).
 """
@@ -41,6 +44,7 @@ from scorecam_explorer.rewriting import (
     reject_fused,
     remembers_copy,
 )
+from scorecam_explorer.sampling import MaskSampler, get_sampler
 from scorecam_explorer.scoring import baseline_logits, score_layer
 
 # Images per unmasked / baseline pass (bounds the memory of those passes).
@@ -65,6 +69,7 @@ def compute_cache(
     fold_batchnorm: bool = True,
     fuse_pointwise: bool = True,
     adapt_threads: bool = True,
+    sampler: str | MaskSampler | None = None,
 ) -> xr.DataTree:
     """Run the unmasked, baseline and masked forward passes and return the cache.
 
@@ -112,6 +117,14 @@ def compute_cache(
         adapt_threads: on a CPU, also try the masked passes with one thread, and keep
             what was fastest for this model (torch's thread count is restored when
             compute returns). False leaves ``torch.get_num_threads()`` alone.
+        sampler: how each channel's masked inputs are sampled (:mod:`scorecam_explorer.sampling`):
+            None or ``"scorecam"`` for Score-CAM's one input X∘H_k per channel, or a
+            :class:`~scorecam_explorer.sampling.MaskSampler` with S samples per channel, whose
+            outputs are averaged into ``masked_logits``. Each batch of channels is then
+            forwarded S times (S times the model calls), constant channels too unless the
+            sampler says their inputs are all the baseline. Random draws come from a
+            generator seeded with the sampler's ``seed``, one per layer. Recorded in the
+            cache's ``mask_sampler`` attribute.
 
     Returns:
         The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
@@ -119,6 +132,7 @@ def compute_cache(
     """
     watch = Stopwatch()
     mask_convention = get_convention(convention)
+    mask_sampler = get_sampler(sampler)
     precision = device_setup.check_precision(precision)
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
@@ -185,6 +199,7 @@ def compute_cache(
                 channels_last=channels_last,
                 progress=progress,
                 on_progress=on_progress,
+                sampler=mask_sampler,
             )
         forward_passes = probe_calls[0] + sum(count[0] for count in calls)
 
@@ -200,6 +215,7 @@ def compute_cache(
         weights_fingerprint=fingerprint,
         preprocessing=preprocessing.describe() if preprocessing_known else None,
         convention=mask_convention,
+        sampler=mask_sampler,
         dtype=precision,
         device=str(compute_device),
         forward_passes=forward_passes,
@@ -221,6 +237,7 @@ def _score_layers(
     channels_last: bool,
     progress: bool,
     on_progress: Callable[[int, int], None] | None = None,
+    sampler: MaskSampler,
 ) -> dict[str, LayerArrays]:
     """The masked passes of every layer, in model order, with one progress bar."""
     total = sum(int(a.shape[0] * a.shape[1]) for a in activations.values())
@@ -240,6 +257,7 @@ def _score_layers(
                 precision=precision,
                 channels_last=channels_last,
                 progress=advance,
+                sampler=sampler,
             )
             arrays[name] = LayerArrays(
                 activation=activation.cpu().numpy(),

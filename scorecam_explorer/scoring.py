@@ -12,6 +12,16 @@ images), so peak memory depends on the batch size, never on the number of channe
 A constant channel (max == min where it is normalised) has H_ik = 0, so its masked input is
 the baseline X_i * 0 and its row is f(X_i * 0), forwarded once per image as
 ``baseline_logits``; such channels are flagged in ``constant`` and not forwarded again.
+
+Which masked inputs a channel gets is the mask sampler's choice
+(:mod:`scorecam_explorer.sampling`): Score-CAM's is the one above; a sampler with S samples
+per channel gives
+
+    masked_logits[i, k, :] = (1/S) * sum_s f(M_ik^(s))
+
+with the S samples of a batch forwarded one after the other (S model calls of the batch's
+size), and constant channels forwarded too unless the sampler says their inputs are all the
+baseline.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from torch import nn
 from scorecam_explorer.capture import check_finite, check_logits, eval_mode
 from scorecam_explorer.conventions import MaskConvention
 from scorecam_explorer.device import autocast
+from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.planner import Plan, Planner, Stopwatch, apply_plan, synchronize
+from scorecam_explorer.sampling import MaskSampler, ScoreCamSampler
 
 ProgressCallback = Callable[[int], None]
 
@@ -35,9 +47,11 @@ class LayerScores:
     """Masked outputs of one layer.
 
     Attributes:
-        masked_logits: f(X_i∘H_ik), float32 (N, C, K), on the CPU.
-        constant: bool (N, C), True where channel k of image i was constant (not forwarded).
-        forwarded: number of masked inputs actually forwarded (non-constant channels).
+        masked_logits: f(X_i∘H_ik), float32 (N, C, K), on the CPU (for a sampler with S
+            samples, the mean of the S outputs, see :mod:`scorecam_explorer.sampling`).
+        constant: bool (N, C), True where channel k of image i was constant (forwarded only
+            when the sampler says a constant channel is not free, or ``skip_constant`` is False).
+        forwarded: number of masked inputs actually forwarded (S per forwarded channel).
     """
 
     masked_logits: torch.Tensor
@@ -90,6 +104,8 @@ def score_layer(
     channels_last: bool = False,
     progress: ProgressCallback | None = None,
     skip_constant: bool = True,
+    sampler: MaskSampler | None = None,
+    generator: torch.Generator | None = None,
 ) -> LayerScores:
     """Forward the input masked by every non-constant channel of one layer.
 
@@ -105,11 +121,21 @@ def score_layer(
         channels_last: feed channels-last inputs.
         progress: called with the number of channels accounted for after each step.
         skip_constant: give constant channels the baseline's row instead of forwarding
-            their (all-zero-mask) inputs; the result is the same, the work is not.
+            their (all-zero-mask) inputs; the result is the same, the work is not. Only
+            done when the sampler's ``constant_is_free`` says so.
+        sampler: how each channel's masked inputs are sampled and their outputs reduced
+            (None: Score-CAM's one input X∘H_k); see :mod:`scorecam_explorer.sampling`.
+            Each batch of channels is forwarded once per sample, so ``planner`` sees the
+            time of one forward pass of the batch's size.
+        generator: what the sampler draws from (default: ``sampler.generator`` on X's device).
 
     Raises:
         NonFiniteError: a masked output with NaN or inf.
     """
+    sampler = sampler if sampler is not None else ScoreCamSampler()
+    if generator is None:
+        generator = sampler.generator(inputs.device)
+    n_samples = int(sampler.samples)
     n_images, n_channels = activation.shape[:2]
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     masked_logits = torch.empty((n_images, n_channels, baseline.shape[1]), dtype=torch.float32)
@@ -120,14 +146,32 @@ def score_layer(
         apply_plan(plan)
         watch = Stopwatch()
         if bool((images == images[0]).all()):
-            batch = inputs[int(images[0])] * masks[:, None]
+            source = inputs[int(images[0])]
         else:  # a batch that spans two images
-            batch = inputs[images.to(inputs.device)] * masks[:, None]
-        logits = forward_masked(module, batch, precision=precision, channels_last=channels_last)
+            source = inputs[images.to(inputs.device)]
+        outputs: list[torch.Tensor] = []
+        given = 0
+        for batch in sampler.masked_inputs(source, masks, generator=generator, images=images, channels=channels):
+            given += 1
+            if given > n_samples:
+                break
+            outputs.append(forward_masked(module, batch, precision=precision, channels_last=channels_last))
+        if given != n_samples:
+            raise ScorecamError(
+                f"mask sampler {sampler.name!r} gave {'more than ' if given > n_samples else ''}"
+                f"{min(given, n_samples)} masked input(s) for a batch, but says it samples {n_samples}."
+            )
         synchronize(inputs.device)
         seconds = watch.seconds
-        check_finite(logits, f"the model's output on the input masked by layer {layer!r}")
-        planner.record(plan, seconds, len(channels))
+        for output in outputs:
+            check_finite(output, f"the model's output on the input masked by layer {layer!r}")
+        logits = sampler.reduce(outputs)
+        if tuple(logits.shape) != (len(channels), baseline.shape[1]):
+            raise ScorecamError(
+                f"mask sampler {sampler.name!r} reduced a batch of {len(channels)} channels to shape "
+                f"{tuple(logits.shape)}, not ({len(channels)}, {baseline.shape[1]})."
+            )
+        planner.record(plan, seconds / n_samples, len(channels))
         masked_logits[images, channels] = logits.cpu()
         if progress is not None:
             progress(len(channels))
@@ -139,15 +183,15 @@ def score_layer(
                 channels = torch.arange(first, first + len(masks))
                 flags = flags.cpu()
                 constant[image, channels[flags]] = True
-                skip = flags if skip_constant else torch.zeros_like(flags)
+                skip = flags if skip_constant and sampler.constant_is_free else torch.zeros_like(flags)
                 if bool(skip.any()):
                     masked_logits[image, channels[skip]] = baseline[image].float().cpu()
                     if progress is not None:
                         progress(int(skip.sum()))
                 keep = ~skip
                 queue.put(torch.full((int(keep.sum()),), image), channels[keep], masks[keep.to(masks.device)])
-                forwarded += _drain(queue, planner, forward_batch, final=False)
-        forwarded += _drain(queue, planner, forward_batch, final=True)
+                forwarded += n_samples * _drain(queue, planner, forward_batch, final=False)
+        forwarded += n_samples * _drain(queue, planner, forward_batch, final=True)
     return LayerScores(masked_logits=masked_logits, constant=constant, forwarded=forwarded)
 
 

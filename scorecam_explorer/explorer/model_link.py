@@ -36,17 +36,23 @@ BASELINE_METHODS: Mapping[str, str] = LabelView("gradients")
 def merge_layers(cache: xr.DataTree, extra: xr.DataTree, order: Sequence[str] | None = None) -> xr.DataTree:
     """``cache`` with the layer nodes of ``extra`` added (a new tree; neither is modified).
 
-    Both must come from the same model, weights, mask convention, precision and pictures
-    (checked: fingerprint, convention, ``dtype``, image ids and unmasked logits): a layer
+    Both must come from the same model, weights, mask convention, mask sampler, precision
+    and pictures (checked: fingerprint, convention, sampler (a cache without a
+    ``mask_sampler`` attribute is Score-CAM's), ``dtype``, image ids and unmasked logits): a layer
     computed in float32 does not belong in a cache whose attributes say bfloat16. ``order`` lists layer names
     shallow to deep (default: the cache's layers, then the new ones). The root attributes
     ``layers``, ``forward_passes`` and ``seconds`` are updated.
     """
-    from scorecam_explorer.cache import cache_layers, validate_cache
+    from scorecam_explorer.cache import cache_layers, cache_sampler, validate_cache
 
     for attribute in ("weights_fingerprint", "mask_convention", "dtype"):
         if cache.attrs.get(attribute) != extra.attrs.get(attribute):
             raise CacheError(f"cannot merge caches with different {attribute}: {cache.attrs.get(attribute)} vs {extra.attrs.get(attribute)}.")
+    if cache_sampler(cache) != cache_sampler(extra):
+        raise CacheError(
+            "cannot merge caches computed with different mask samplers: "
+            f"{json.dumps(cache_sampler(cache), sort_keys=True)} vs {json.dumps(cache_sampler(extra), sort_keys=True)}."
+        )
     if list(cache["image"].values) != list(extra["image"].values):
         raise CacheError("cannot merge caches of different images.")
     if not np.allclose(cache["logits"].values, extra["logits"].values, rtol=1e-4, atol=1e-4):
@@ -77,7 +83,8 @@ def compute_layers(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> xr.DataTree:
-    """``cache`` plus the Score-CAM passes of ``layers`` for its pictures (same convention).
+    """``cache`` plus the Score-CAM passes of ``layers`` for its pictures (same convention and
+    mask sampler; a ScorecamError when the cache's sampler is not built in).
 
     ``progress`` and ``on_progress`` are those of :func:`~scorecam_explorer.engine.compute_cache`.
 
@@ -88,8 +95,9 @@ def compute_layers(
     """
     import torch
 
-    from scorecam_explorer.cache import cache_convention
+    from scorecam_explorer.cache import cache_convention, cache_sampler
     from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.sampling import sampler_from_fields
 
     inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].transpose("image", "c", "h", "w").values))
     extra = compute_cache(
@@ -97,6 +105,7 @@ def compute_layers(
         inputs,
         list(layers),
         convention=cache_convention(cache),
+        sampler=sampler_from_fields(cache_sampler(cache)),
         precision=cache_precision(cache),
         progress=progress,
         on_progress=on_progress,
