@@ -456,6 +456,34 @@ def test_sanity_check_scorecam_against_a_manual_cascade(tiny_cache):
         assert result["spearman"].values[i, 1] == pytest.approx(expected, abs=1e-6)
 
 
+def test_sanity_check_scorecam_uses_the_presets_mask_convention(tiny_cache):
+    """With a preset whose masks are not the paper's, the sanity check's maps come from a
+    cache computed with that preset's masks, as evaluation's do (not the default masks)."""
+    import copy
+
+    from scorecam_explorer.compose import scorecam
+    from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.metrics.sanity import randomise_group
+
+    model, inputs, _ = tiny_cache
+    preset = "pytorch-grad-cam"
+    result = sanity_check(
+        model, inputs, "features.3", [1, 4], method="scorecam", preset=preset, groups=["features.3"], seed=2
+    )
+
+    def maps(network, convention):
+        cache = compute_cache(network, inputs, "features.3", convention=convention, progress=False, device="cpu")
+        return scorecam(cache, "features.3", [1, 4], preset=preset).values
+
+    manual = copy.deepcopy(model)
+    randomise_group(manual, "features.3", 3)
+    for convention, agrees in (("pytorch-grad-cam", True), ("paper", False)):
+        before, after = maps(model, convention), maps(manual, convention)
+        expected = [stats.spearmanr(before[i].ravel(), after[i].ravel()).statistic for i in range(2)]
+        close = np.allclose(result["spearman"].values[:, 1], expected, atol=1e-6)
+        assert close == agrees, convention
+
+
 class TopLevelCalls:
     """Counts every top-level module call in the process (any model, any copy of it),
     with torch's global hooks: a call made while no other module is running. Independent

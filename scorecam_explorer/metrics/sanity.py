@@ -143,20 +143,21 @@ def _scorecam_maps(
     module: nn.Module, inputs: torch.Tensor, image_ids: list[str], layer: str, targets: list[int], preset: str,
     batch_size: int | None, model: ModelLike, tune_allocator: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """Score-CAM maps (image, y, x) and the model calls the engine recorded for them."""
+    """Score-CAM maps (image, y, x) with ``preset``, from a cache computed with the preset's
+    own mask convention (as :func:`scorecam_explorer.evaluation.evaluate` computes it), and
+    the model calls the engine recorded for them."""
     from scorecam_explorer.compose import scorecam
-    from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.methods.scorecam import scorecam_cache
 
-    cache = compute_cache(
+    cache = scorecam_cache(
         module,
         inputs,
         layer,
-        progress=False,
+        preset=preset,
         batch_size=batch_size,
-        device="cpu" if module_device_is_cpu(module) else "auto",
-        preprocessing=getattr(model, "preprocessing", None),
         image_ids=image_ids,
         tune_allocator=tune_allocator,
+        preprocessing=getattr(model, "preprocessing", None),
     )
     maps = scorecam(cache, layer, targets, preset=preset).values
     return maps, int(cache.attrs["forward_passes"])
