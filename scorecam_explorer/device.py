@@ -7,6 +7,14 @@ baseline passes), opt-in and recorded in the cache as its ``dtype`` attribute. M
 feed channels-last inputs on CPU and CUDA (faster convolutions; float32 rounding only,
 relative differences around 1e-6).
 
+bfloat16 is faster only where the hardware computes in it: an x86 CPU with AVX512-BF16 or AMX,
+a CUDA GPU of compute capability 8.0 or newer (Ampere and later), MPS on macOS 14 or newer.
+Elsewhere torch emulates it, many times slower than float32 (about 35x measured on an AVX2
+CPU). :func:`bfloat16_support` says what a device has, and :func:`check_native_precision`,
+which the engine calls before any forward pass, refuses ``"bfloat16"`` where it is not
+native (a :class:`~scorecam_explorer.errors.ScorecamError` naming what was found). There is
+no override: on such a machine a bfloat16 cache would be slower and less exact.
+
 Allocator: with glibc's default malloc, the large activation buffers of a batched forward
 pass are returned to the operating system after every batch and fetched back as page faults.
 :func:`tune_allocator` raises glibc's mmap and trim thresholds in-process (``mallopt``), so
@@ -20,10 +28,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from scorecam_explorer.errors import ScorecamError
@@ -81,6 +91,155 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ScorecamError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     return precision
+
+
+@dataclass(frozen=True)
+class BFloat16Support:
+    """Whether a device computes in bfloat16 natively, and what was found on it."""
+
+    device: str
+    """The device's name (``"cpu"``, ``"cuda:0"``, ``"mps"``)."""
+    native: bool
+    """True where bfloat16 passes run on hardware made for them (faster than float32)."""
+    hardware: str
+    """The CPU's model name or the GPU's name (``"AMD EPYC 7B13"``, ``"NVIDIA A100-SXM4-40GB"``)."""
+    found: str
+    """What decided it, in words (``"CPU capability AVX2: no AVX512-BF16, no AMX"``)."""
+
+    def describe(self) -> str:
+        """``"HARDWARE (FOUND)"``: one phrase for a message or a benchmark's header."""
+        return f"{self.hardware} ({self.found})"
+
+
+_X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` says)."""
+    return _cpu_model_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_capability() -> str:
+    """torch's CPU capability (``"AVX2"``, ``"AVX512"``, ``"DEFAULT"``...; ``"unknown"`` if torch cannot say)."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # an older torch
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bfloat16_support() -> BFloat16Support:
+    """The CPU probe, made once per process (the hardware does not change)."""
+    import torch
+
+    machine = platform.machine().lower()
+    capability = f"CPU capability {cpu_capability()}"
+    if machine in _X86:
+        probes = {
+            "AVX512-BF16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+            "AMX": getattr(torch.cpu, "_is_amx_tile_supported", None),
+        }
+        if any(probe is None for probe in probes.values()):
+            found = f"{capability}: torch {torch.__version__} cannot tell whether AVX512-BF16 or AMX is present"
+            return BFloat16Support("cpu", False, cpu_model_name(), found)
+        present = {name: bool(probe()) for name, probe in probes.items()}
+        found = f"{capability}: " + ", ".join(("" if has else "no ") + name for name, has in present.items())
+        return BFloat16Support("cpu", any(present.values()), cpu_model_name(), found)
+    found = (
+        f"{machine or 'unknown'} CPU, {capability}: torch exposes no check of native bfloat16 on this "
+        "architecture, so it is treated as not native"
+    )
+    return BFloat16Support("cpu", False, cpu_model_name(), found)
+
+
+def bfloat16_support(device: str | torch.device = "auto") -> BFloat16Support:
+    """Whether ``device`` computes in bfloat16 natively; no forward pass, no allocation.
+
+    - x86 CPU: AVX512-BF16 or AMX (torch's ``torch.cpu._is_avx512_bf16_supported`` and
+      ``_is_amx_tile_supported``). Other CPUs (arm64...): torch exposes no such check, so
+      they count as not native. Probed once per process.
+    - CUDA: compute capability 8.0 or newer (bfloat16 tensor cores; older cards emulate it);
+      ROCm: what ``torch.cuda.is_bf16_supported`` says without emulation.
+    - MPS: macOS 14 or newer (``torch.backends.mps.is_macos_or_newer``).
+
+    The one place the decision is made: tests replace this function to run bfloat16
+    anywhere or to see it refused.
+    """
+    import torch
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        name = torch.cuda.get_device_name(resolved)
+        if getattr(torch.version, "hip", None):
+            try:
+                native = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            except TypeError:  # an older torch
+                native = bool(torch.cuda.is_bf16_supported())
+            found = "ROCm: " + ("bfloat16 supported" if native else "no native bfloat16")
+            return BFloat16Support(str(resolved), native, name, found)
+        major, minor = torch.cuda.get_device_capability(resolved)
+        native = (major, minor) >= (8, 0)
+        found = f"compute capability {major}.{minor}: " + (
+            "bfloat16 tensor cores" if native else "no native bfloat16 (it needs 8.0, Ampere or newer)"
+        )
+        return BFloat16Support(str(resolved), native, name, found)
+    if resolved.type == "mps":
+        check = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        native = bool(check is not None and check(14, 0))
+        found = "MPS on macOS 14 or newer: bfloat16 supported" if native else "MPS before macOS 14: no bfloat16"
+        return BFloat16Support("mps", native, "Apple GPU", found)
+    return _cpu_bfloat16_support()
+
+
+def check_native_precision(precision: str, device: str | torch.device = "auto") -> str:
+    """``precision`` if ``device`` computes in it natively; for ``"bfloat16"`` where it does
+    not (see :func:`bfloat16_support`), a ScorecamError that says what was found and that
+    float32 is faster there. Made before any forward pass, it takes no measurable time."""
+    precision = check_precision(precision)
+    if precision != "bfloat16":
+        return precision
+    support = bfloat16_support(device)
+    if not support.native:
+        raise ScorecamError(
+            f"precision 'bfloat16' refused on {support.device}: {support.describe()} has no native bfloat16, "
+            "so bfloat16 passes would run many times slower than float32 (about 35x on an AVX2 CPU) and be "
+            "less exact; use float32, which is faster here. bfloat16 needs an x86 CPU with "
+            "AVX512-BF16 or AMX, or a GPU with bfloat16 (CUDA compute capability 8.0 or newer)."
+        )
+    return precision
+
+
+def machine_description(device: str | torch.device = "auto") -> list[str]:
+    """Lines naming the machine a timing comes from: the CPU's model and torch's capability,
+    whether bfloat16 is native, and the GPU's name when ``device`` is one (benchmark headers)."""
+    import torch
+
+    resolved = resolve_device(device)
+    cpu = _cpu_bfloat16_support()
+    lines = [
+        f"CPU: {cpu_model_name()}, torch CPU capability {cpu_capability()}, {usable_cpus()} usable core(s), "
+        f"torch {torch.__version__}",
+        f"native bfloat16 on the CPU: {'yes' if cpu.native else 'no'} ({cpu.found})",
+    ]
+    if resolved.type != "cpu":
+        gpu = bfloat16_support(resolved)
+        lines.append(f"GPU: {gpu.hardware} ({gpu.device}); native bfloat16: {'yes' if gpu.native else 'no'} ({gpu.found})")
+    return lines
 
 
 def tune_allocator() -> bool:

@@ -176,7 +176,13 @@ def compute_dataset(
             or None / ``"local"`` for a ``LocalCluster`` on this machine, closed afterwards.
         convention: the mask convention (see :mod:`scorecam_explorer.conventions`).
         batch_size: masked inputs per forward pass; None lets each worker measure.
-        precision: ``"float32"`` or ``"bfloat16"``.
+        precision: ``"float32"`` or ``"bfloat16"``. bfloat16 is refused, before any image
+            is scheduled, where ``device`` has no native bfloat16 (see
+            :func:`scorecam_explorer.device.check_native_precision`): with a local cluster
+            on this machine, by the client before the cluster starts (its workers run on
+            this hardware); with a running scheduler, on the first worker asked, before any
+            image task (the workers of one cluster are taken to be one machine class; each
+            worker's ``compute_cache`` would refuse it anyway).
         device: the device each worker computes on (``"auto"``: its GPU if it has one).
         workers: worker processes of the local cluster (default: one per CPU core, or one
             if a GPU is present). Only with ``client=None``.
@@ -198,7 +204,8 @@ def compute_dataset(
     Raises:
         CacheError: the store exists but is not a dataset store, or was made with another
             model, convention, precision, layers or image set (the message says which).
-        ScorecamError: the scheduler cannot be reached within ``connect_timeout``, or some
+        ScorecamError: bfloat16 on a device without native bfloat16 (see ``precision``),
+            the scheduler cannot be reached within ``connect_timeout``, or some
             images failed after their retries (the store keeps every finished image: rerun
             to compute the rest).
     """
@@ -219,11 +226,22 @@ def compute_dataset(
     existing = existing_store_attrs(target)
     if existing is not None:
         check_settings(existing, target, mask_convention, precision, requested_layers)
+    if client is None or client == "local":  # the local cluster's workers run on this machine
+        from scorecam_explorer.device import check_native_precision
+
+        check_native_precision(precision, device)
 
     with _connect(client, workers, connect_timeout) as dask_client:
         run = DatasetRun(store=target, workers=len(dask_client.nthreads()))
         summary = dask_client.submit(
-            _describe_model, model_factory, factory_key, requested_layers, device, existing is None, pure=False
+            _describe_model,
+            model_factory,
+            factory_key,
+            requested_layers,
+            device,
+            existing is None,
+            precision,
+            pure=False,
         ).result()
         if existing is None:
             pending = _start_store(dask_client, target, summary, sources, ids, mask_convention, precision, run)
@@ -533,14 +551,24 @@ def _worker_model(factory: ModelFactory, key: str, device: str) -> tuple[LoadedM
 
 
 def _describe_model(
-    factory: ModelFactory, key: str, layers: list[str] | None, device: str, with_shapes: bool
+    factory: ModelFactory,
+    key: str,
+    layers: list[str] | None,
+    device: str,
+    with_shapes: bool,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """What the client needs about the model: name, fingerprint, layers (shallow to deep).
 
     ``with_shapes`` adds the class names, preprocessing and layer shapes a new store needs
     (this probes the model with one forward pass); without it no forward pass is made.
+    ``precision`` is checked first against this worker's device (a ScorecamError where
+    bfloat16 is not native, before the model is built).
     """
     from scorecam_explorer._version import __version__
+    from scorecam_explorer.device import check_native_precision
+
+    check_native_precision(precision, device)
 
     model, lock, _device = _worker_model(factory, key, device)
     with lock:

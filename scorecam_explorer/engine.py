@@ -95,7 +95,9 @@ def compute_cache(
             batch of them; the cache's ``forward_passes`` counts calls). Independent of
             ``progress``; an exception it raises stops the computation.
         precision: ``"float32"`` or ``"bfloat16"`` (autocast for the masked and baseline
-            passes only; faster on CPUs with AMX and on GPUs, slightly different scores).
+            passes only; faster on CPUs with AVX512-BF16 or AMX and on GPUs, slightly different
+            scores). Refused, before any forward pass, on a device without native bfloat16
+            (see :func:`scorecam_explorer.device.check_native_precision`).
         preprocessing: overrides the model's preprocessing (how pictures become inputs,
             and how a tensor input is shown).
         class_names: overrides the model's class names.
@@ -133,7 +135,7 @@ def compute_cache(
     watch = Stopwatch()
     mask_convention = get_convention(convention)
     mask_sampler = get_sampler(sampler)
-    precision = device_setup.check_precision(precision)
+    precision = device_setup.check_native_precision(precision, device)  # before any forward pass
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
         loaded = _as_loaded(model, preprocessing)

@@ -41,3 +41,25 @@ def default_model():
     from scorecam_explorer.models import load_model
 
     return load_model()
+
+
+def _patched_bfloat16_support(monkeypatch, native: bool, found: str) -> None:
+    from scorecam_explorer import device
+
+    def support(where="auto"):
+        return device.BFloat16Support(str(device.resolve_device(where)), native, "test CPU", found)
+
+    monkeypatch.setattr(device, "bfloat16_support", support)
+
+
+@pytest.fixture
+def native_bfloat16(monkeypatch):
+    """bfloat16 counted as native on every device (in this process), so that a test computing
+    in bfloat16 gives the same verdict on CPUs with and without AVX512-BF16 / AMX."""
+    _patched_bfloat16_support(monkeypatch, True, "native bfloat16 (a test says so)")
+
+
+@pytest.fixture
+def no_native_bfloat16(monkeypatch):
+    """bfloat16 counted as not native on every device (in this process): it must be refused."""
+    _patched_bfloat16_support(monkeypatch, False, "CPU capability AVX2: no AVX512-BF16, no AMX")

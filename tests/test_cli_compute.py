@@ -42,7 +42,7 @@ def test_compute_saves_a_cache_and_prints_a_summary(tmp_path, capsys):
     assert captured.err == ""  # --no-progress: no bar
 
 
-def test_bfloat16(tmp_path, capsys):
+def test_bfloat16(tmp_path, capsys, native_bfloat16):
     out = tmp_path / "c.zarr"
     status = main(
         ["compute", *MODEL, "--image", "sample:rocket", "--layer", "features.0", "--precision", "bfloat16",
@@ -185,7 +185,7 @@ def test_defaults_reach_compute_cache(tmp_path, recorded):
         (["--no-fuse"], "fuse_pointwise", False),
     ],
 )
-def test_each_flag_reaches_compute_cache(tmp_path, recorded, arguments, option, value):
+def test_each_flag_reaches_compute_cache(tmp_path, recorded, arguments, option, value, native_bfloat16):
     _run_recorded(tmp_path, *arguments)
     assert recorded["options"][option] == value
 

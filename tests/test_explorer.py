@@ -629,7 +629,7 @@ def test_merge_layers_keeps_model_order_and_refuses_other_weights(model, images,
         merge_layers(first, other)
 
 
-def test_a_layer_added_to_a_bfloat16_cache_is_computed_in_bfloat16(model, images) -> None:
+def test_a_layer_added_to_a_bfloat16_cache_is_computed_in_bfloat16(model, images, native_bfloat16) -> None:
     """The new layer's scores come from bfloat16 passes, as the cache's attributes say."""
     from scorecam_explorer.explorer.model_link import compute_layers
 

@@ -219,7 +219,7 @@ def test_a_fused_copy_that_differs_is_rejected_and_the_folded_one_used(tiny_cnn_
     assert broken.attrs["forward_passes"] == plain.attrs["forward_passes"] + 2
 
 
-def test_bfloat16_runs_unfused(tiny_cnn_with_batchnorm):
+def test_bfloat16_runs_unfused(tiny_cnn_with_batchnorm, native_bfloat16):
     calls: list[str] = []
     model = tiny_cnn_with_batchnorm
     x = normal(1, 3, 32, 32, seed=0)

@@ -318,7 +318,7 @@ def test_non_finite_masked_output_names_the_layer(tiny_cnn, inputs):
         handle.remove()
 
 
-def test_bfloat16_scores_are_close_to_float32(tiny_with_dead, inputs):
+def test_bfloat16_scores_are_close_to_float32(tiny_with_dead, inputs, native_bfloat16):
     fp32, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4")
     bf16, _, _ = run_score_layer(tiny_with_dead, inputs, "features.4", precision="bfloat16")
     assert not torch.equal(fp32.masked_logits, bf16.masked_logits)

@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         default="float32",
         choices=list(PRECISIONS),
-        help="bfloat16: faster masked passes, slightly different scores (default: float32)",
+        help="bfloat16: faster masked passes on a CPU with AVX512-BF16 or AMX or a GPU with bfloat16, slightly "
+        "different scores; refused where the device has no native bfloat16 (default: float32)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -105,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise CacheError(f"{out} already exists; pass --overwrite to replace it.")
     for source in args.image:
         load_image(source)  # a bad path fails now, before the model loads
+    if args.precision != "float32":  # refused now where bfloat16 is not native, before the model loads
+        from scorecam_explorer.device import check_native_precision
+
+        check_native_precision(args.precision, args.device)
     model = model_from_arguments(args)
     cache = compute_cache(
         model,

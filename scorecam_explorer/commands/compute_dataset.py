@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="device on each worker: auto (its GPU if any), cpu, cuda, ...")
     parser.add_argument(
-        "--precision", default="float32", choices=list(PRECISIONS), help="compute precision (default: float32)"
+        "--precision",
+        default="float32",
+        choices=list(PRECISIONS),
+        help="compute precision (default: float32); bfloat16 is refused where the workers' device has no native "
+        "bfloat16 (AVX512-BF16 or AMX on a CPU, a GPU with bfloat16)",
     )
     parser.add_argument(
         "--tune-allocator",

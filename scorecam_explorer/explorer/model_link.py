@@ -91,14 +91,25 @@ def compute_layers(
     The model's input is the cache's ``input`` (so the pictures are exactly the same), the
     class names and image ids are the cache's, and the masked passes run in the cache's
     precision (its ``dtype`` attribute: ``float32`` or ``bfloat16``), so the new layer's
-    scores are computed as the cached ones were.
+    scores are computed as the cached ones were. A bfloat16 cache on a device without native
+    bfloat16 is refused before any forward pass, with a ScorecamError that says so (see
+    :func:`scorecam_explorer.device.check_native_precision`).
     """
     import torch
 
     from scorecam_explorer.cache import cache_convention, cache_sampler
+    from scorecam_explorer.device import check_native_precision
     from scorecam_explorer.engine import compute_cache
     from scorecam_explorer.sampling import sampler_from_fields
 
+    precision = cache_precision(cache)
+    try:
+        check_native_precision(precision)  # on the device compute_cache picks below ("auto")
+    except ScorecamError as error:
+        raise ScorecamError(
+            f"{error} This cache's scores come from bfloat16 passes, so its layers must too: add them on a "
+            "machine with native bfloat16, or recompute the cache in float32 here."
+        ) from None
     inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].transpose("image", "c", "h", "w").values))
     extra = compute_cache(
         model,
@@ -106,7 +117,7 @@ def compute_layers(
         list(layers),
         convention=cache_convention(cache),
         sampler=sampler_from_fields(cache_sampler(cache)),
-        precision=cache_precision(cache),
+        precision=precision,
         progress=progress,
         on_progress=on_progress,
         class_names=[str(name) for name in cache["class_name"].values],
