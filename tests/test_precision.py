@@ -55,20 +55,46 @@ def test_the_probe_on_this_machine_gives_a_well_formed_record() -> None:
 
 
 @pytest.mark.parametrize(
-    ("avx512_bf16", "amx", "native", "found"),
+    ("capability", "avx512_bf16", "amx", "native", "found"),
     [
-        (False, False, False, "CPU capability AVX2: no AVX512-BF16, no AMX"),
-        (True, False, True, "CPU capability AVX2: AVX512-BF16, no AMX"),
-        (False, True, True, "CPU capability AVX2: no AVX512-BF16, AMX"),
+        ("AVX2", False, False, False, "CPU capability AVX2: no AVX512-BF16, no AMX"),
+        ("AVX512", True, False, True, "CPU capability AVX512: AVX512-BF16, no AMX"),
+        ("AVX512", False, True, True, "CPU capability AVX512: no AVX512-BF16, AMX"),
+        # the instructions are there, but torch's kernels were capped below them
+        ("AVX2", True, False, False, "CPU capability AVX2: AVX512-BF16, no AMX, but torch's kernels are capped"),
     ],
 )
-def test_an_x86_cpu_is_native_with_avx512_bf16_or_amx(monkeypatch, fresh_cpu_probe, avx512_bf16, amx, native, found):
+def test_an_x86_cpu_is_native_with_avx512_bf16_or_amx(
+    monkeypatch, fresh_cpu_probe, capability, avx512_bf16, amx, native, found
+):
     monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(variable, raising=False)
     support = device.bfloat16_support("cpu")
-    assert (support.native, support.found) == (native, found)
+    assert support.native == native and support.found.startswith(found)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "native"),
+    [("ONEDNN_MAX_CPU_ISA", "AVX2", False), ("DNNL_MAX_CPU_ISA", "avx512_core", False),
+     ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True), ("ONEDNN_MAX_CPU_ISA", "ALL", True)],
+)
+def test_onednn_capped_below_bfloat16_is_not_native(monkeypatch, fresh_cpu_probe, variable, value, native):
+    """oneDNN capped below AVX512-BF16 emulates bfloat16 on a CPU that has it (22x slower)."""
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    for other in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(variable, value)
+    support = device.bfloat16_support("cpu")
+    assert support.native == native
+    if not native:
+        assert f"oneDNN is capped at {value.upper()} ({variable})" in support.found
 
 
 def test_a_cpu_torch_cannot_check_is_not_native_and_says_so(monkeypatch, fresh_cpu_probe) -> None:
