@@ -166,6 +166,7 @@ class Explorer:
             "<div style='font-size:19px;font-weight:600'>Score-CAM explorer</div>"
             f"<div style='font-size:12px;color:#666;line-height:1.5'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
             f"{html.escape(', '.join(self.state.image_ids))} · "
+            f"{html.escape(self.state.family)} · "
             f"{html.escape(masks_text(self._convention_name()))} · every map below is recomposed from the cache, "
             "with no forward pass</div>"
         )

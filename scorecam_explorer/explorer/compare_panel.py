@@ -19,7 +19,6 @@ from scorecam_explorer.explorer.model_link import BASELINE_METHODS, ModelLink, e
 from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState
 from scorecam_explorer.figures import compare_spec
-from scorecam_explorer.presets import PRESETS
 
 MODES = {"presets": "two presets", "layers": "two layers", "classes": "two classes", "methods": "Score-CAM vs gradients"}
 """What Compare can put side by side ("methods" only with a model)."""
@@ -70,7 +69,7 @@ class ComparePanel(Panel):
     def _options(self, mode: str) -> list[tuple[str, Any]]:
         state = self.state
         if mode == "presets":
-            return [(name, name) for name in PRESETS]
+            return [(name, name) for name in state.presets]
         if mode == "layers":
             return [(name, name) for name in state.layers]
         if mode == "classes":

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from scorecam_explorer.cache import cache_sampler
 from scorecam_explorer.colormaps import COLORMAPS
 from scorecam_explorer.compose import (
     cached_layers,
@@ -31,7 +32,8 @@ from scorecam_explorer.compose import (
 from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
 from scorecam_explorer.explorer import analysis
 from scorecam_explorer.figures.channels import SORT_KEYS, channel_order
-from scorecam_explorer.presets import PRESETS
+from scorecam_explorer.presets import PRESETS, check_preset_applies
+from scorecam_explorer.sampling import family_label
 
 Listener = Callable[[frozenset[str]], None]
 
@@ -135,6 +137,24 @@ class ExplorerState:
         return cached_layers(self._cache)
 
     @property
+    def family(self) -> str:
+        """The Score-CAM family member the cache was computed with, in words
+        (``"Score-CAM"``, ``"SS-CAM, 35 samples, σ = 2"``, ``"IS-CAM, 10 samples"``)."""
+        try:
+            return family_label(cache_sampler(self._cache))
+        except ScorecamError:
+            return "?"
+
+    @property
+    def presets(self) -> list[str]:
+        """The presets that apply to the cache (``official`` needs one sample per channel)."""
+        try:
+            sampler = cache_sampler(self._cache)
+        except ScorecamError:
+            return list(PRESETS)
+        return [name for name, preset in PRESETS.items() if not (preset.one_sample_only and int(sampler["samples"]) > 1)]
+
+    @property
     def class_names(self) -> list[str]:
         """The class names, by class index."""
         return self._remember(("class_names",), lambda: [str(name) for name in self._cache["class_name"].values])
@@ -219,6 +239,7 @@ class ExplorerState:
                 f"unknown preset {selection.preset!r}; choose one of {', '.join(PRESETS)}."
                 f"{did_you_mean(selection.preset, PRESETS)}"
             )
+        check_preset_applies(PRESETS[selection.preset], cache_sampler(self._cache))
         n_channels = self.channel_count(selection.layer)
         if selection.top_k is not None:
             if isinstance(selection.top_k, bool) or int(selection.top_k) < 1:
