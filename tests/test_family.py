@@ -283,3 +283,31 @@ def test_the_explorer_names_the_family_and_offers_the_presets_that_apply(model, 
     plain = ExplorerState(compute(model, x, batch_size=16))
     assert plain.family == "Score-CAM"
     assert "official" in plain.presets
+
+
+def test_compare_puts_score_cam_and_ss_cam_side_by_side(model, x):
+    from scorecam_explorer.explorer.app import Explorer
+
+    plain = compute(model, x, batch_size=16)
+    torch.manual_seed(0)
+    smooth = compute(model, x, family="ss-cam", samples=2, batch_size=16)
+    explorer = Explorer(plain, others=[smooth], preset="torchcam")
+    assert explorer.state.families == ["Score-CAM", "SS-CAM, 2 samples, σ = 2"]
+    compare = explorer.compare
+    assert "families" in [key for _, key in compare.mode.options]
+    compare.mode.value = "families"
+    assert (compare.first.value, compare.second.value) == ("Score-CAM", "SS-CAM, 2 samples, σ = 2")
+    s = explorer.state.selection
+    np.testing.assert_array_equal(
+        compare.map_of("families", "SS-CAM, 2 samples, σ = 2")[0].values,
+        scorecam(smooth, LAYER, s.target, preset="torchcam", image=s.image).values,
+    )
+    # without another family's cache the mode is not offered
+    assert "families" not in [key for _, key in Explorer(plain).compare.mode.options]
+    other_pictures = compute(model, x.flip(0), batch_size=16)
+    with pytest.raises(ScorecamError, match="two caches of Score-CAM"):
+        ExplorerState(plain, others=[other_pictures])
+    changed = smooth.copy(deep=True)
+    changed["input"] = changed["input"] * 2
+    with pytest.raises(ScorecamError, match="other pictures"):
+        ExplorerState(plain, others=[changed])

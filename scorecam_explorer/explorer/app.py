@@ -89,6 +89,9 @@ class Explorer:
         target: class index or name to show first (default: the top-1 class).
         preset: ``paper``, ``official``, ``pytorch-grad-cam`` or ``torchcam``.
         image: index of the picture to show first.
+        others: caches of the same pictures computed with other members of the Score-CAM
+            family (``compute_cache(..., family="ss-cam")``): Compare then puts, say,
+            Score-CAM and SS-CAM side by side.
 
     An unknown ``layer`` or ``target`` does not raise: the explorer opens on the default
     and says why. Display it by leaving it as the last expression of a cell.
@@ -103,10 +106,11 @@ class Explorer:
         target: int | str | None = None,
         preset: str = "paper",
         image: int = 0,
+        others: Sequence[xr.DataTree] = (),
     ) -> None:
         # First, so that plotly.js starts loading in the browser before any figure needs it.
         self.plotly = PlotlyBundle()
-        self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image)
+        self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image, others=others)
         self.model = ModelLink(model, cache.attrs.get("weights_fingerprint"))
         self.state.warm_up()
         self.controls = Controls(self.state, self.model)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,29 @@ def kept_channels(weights: np.ndarray, switched_off: Iterable[int], top_k: int |
     return kept & on
 
 
+def _family_caches(cache: xr.DataTree, others: Sequence[xr.DataTree]) -> dict[str, xr.DataTree]:
+    """The other family members' caches by label, checked: same model weights, same pictures
+    (image ids and inputs), each a different family member."""
+    labels = [family_label(cache_sampler(cache))]
+    result: dict[str, xr.DataTree] = {}
+    for other in others:
+        if not isinstance(other, xr.DataTree):
+            raise ScorecamError(f"others must be caches (xarray.DataTree), not {type(other).__name__}.")
+        label = family_label(cache_sampler(other))
+        if label in labels:
+            raise ScorecamError(f"two caches of {label} were given; Compare puts different family members side by side.")
+        if other.attrs.get("weights_fingerprint") != cache.attrs.get("weights_fingerprint"):
+            raise ScorecamError(f"the {label} cache was computed with other model weights than this cache.")
+        both = set(cache.dataset.data_vars) & set(other.dataset.data_vars)
+        pictures = "input" if "input" in both else "picture"
+        same_images = list(other["image"].values) == list(cache["image"].values)
+        if not same_images or not np.array_equal(other[pictures].values, cache[pictures].values):
+            raise ScorecamError(f"the {label} cache holds other pictures than this cache.")
+        labels.append(label)
+        result[label] = other
+    return result
+
+
 class ExplorerState:
     """The current :class:`Selection` over a cache, the listeners, and memoised arrays.
 
@@ -85,6 +108,9 @@ class ExplorerState:
         layer, target, preset, image: the first selection. An unknown layer or class does
             not raise: the state starts on the deepest cached layer / the top-1 class and
             :attr:`notice` says why.
+        others: caches of the same pictures and model computed with other members of the
+            Score-CAM family (``compute_cache(..., family="ss-cam")``), for Compare to put
+            beside this one (:meth:`family_map`).
     """
 
     def __init__(
@@ -95,8 +121,10 @@ class ExplorerState:
         target: int | str | None = None,
         preset: str = "paper",
         image: int = 0,
+        others: Sequence[xr.DataTree] = (),
     ) -> None:
         self._cache = cache
+        self._others = _family_caches(cache, others)
         self._listeners: list[Listener] = []
         self._memo: OrderedDict[Hashable, Any] = OrderedDict()
         self.notice = ""
@@ -144,6 +172,28 @@ class ExplorerState:
             return family_label(cache_sampler(self._cache))
         except ScorecamError:
             return "?"
+
+    @property
+    def families(self) -> list[str]:
+        """This cache's family member (:attr:`family`) and those of the other caches given."""
+        return [self.family, *self._others]
+
+    def family_map(self, family: str, selection: Selection | None = None) -> xr.DataArray:
+        """The full map of the current selection from the cache of ``family`` (one of
+        :attr:`families`), for Compare; a ScorecamError when that cache lacks the layer or the
+        preset does not apply to it."""
+        s = selection or self._selection
+        if family == self.family:
+            return self.full_map(s)
+        if family not in self._others:
+            raise ScorecamError(f"no {family} cache to compare with; the explorer holds {', '.join(self.families)}.")
+        other = self._others[family]
+        if s.layer not in cached_layers(other):
+            raise ScorecamError(f"the {family} cache does not hold layer {s.layer!r} (it holds {', '.join(cached_layers(other))}).")
+        return self._remember(
+            ("family", family, s.layer, s.target, s.preset, s.image),
+            lambda: scorecam(other, s.layer, s.target, preset=s.preset, image=s.image),
+        )
 
     @property
     def presets(self) -> list[str]:
