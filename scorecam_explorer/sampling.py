@@ -33,7 +33,9 @@ sum differences, here the outputs are summed and the baseline is subtracted afte
 variant that averages softmax probabilities per sample (as Score-CAM's official code reads
 softmax scores of each masked pass) is not: mean_s softmax(f(M^(s))) differs from
 softmax(mean_s f(M^(s))). Such a preset would need a second reduced quantity in the cache
-(the mean over samples of softmax(f)); this module does not provide it.
+(the mean over samples of softmax(f)); this module does not provide it, and the ``official``
+preset, which reads the class probability of each masked pass, refuses a cache with more than
+one sample per channel.
 
 A channel is *constant* when its mask is all zero (see :mod:`scorecam_explorer.conventions`).
 For Score-CAM (and for IS-CAM, whose samples scale the zero mask) every masked input of such
@@ -43,8 +45,9 @@ need not be forwarded: :attr:`MaskSampler.constant_is_free` says so. Once noise 
 other.
 
 Random samplers draw from the ``torch.Generator`` they are given, unless they say otherwise
-(SS-CAM draws from torch's global generator, as torchcam does). The engine makes one per layer from :attr:`MaskSampler.seed` on the compute device, and
-asks for the samples of a batch in sample order. Draws taken from one generator in batch
+(SS-CAM draws from torch's global generator, as torchcam does). The engine makes one per
+layer from :attr:`MaskSampler.seed` on the compute device, and asks for the samples of a
+batch in sample order. Draws taken from one generator in batch
 order depend on how the channels were batched (the batch size, and a batch retried smaller
 after running out of memory draws again); the batch's ``images`` and ``channels`` are given
 too, so that a sampler may derive its draws from them instead (noise that does not depend on
