@@ -213,7 +213,7 @@ def check_preset_applies(preset: Preset, sampler: Mapping[str, Any]) -> Preset:
         raise ScorecamError(
             f"the {preset.name!r} preset weighs each channel by the class probability of its masked input; "
             f"this cache ({family_label(sampler)}) keeps the mean of the model's outputs over the samples, "
-            f"from which the mean probability cannot be recovered. Use {applicable}."
+            f"from which the mean probability cannot be recovered. Use one of {applicable}."
         )
     return preset
 
