@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "check_cache_matches": "scorecam_explorer.cache",
     "MaskSampler": "scorecam_explorer.sampling",
     "ScoreCamSampler": "scorecam_explorer.sampling",
+    "SSCamSampler": "scorecam_explorer.sampling",
+    "ISCamSampler": "scorecam_explorer.sampling",
     # maps from the cache
     "scorecam": "scorecam_explorer.compose",
     "channel_contributions": "scorecam_explorer.compose",

@@ -33,7 +33,7 @@ from scorecam_explorer._version import __version__
 from scorecam_explorer.conventions import MaskConvention, get_convention
 from scorecam_explorer.device import PRECISIONS
 from scorecam_explorer.errors import CacheError, ScorecamError
-from scorecam_explorer.sampling import MaskSampler, get_sampler, sampler_fields
+from scorecam_explorer.sampling import MaskSampler, family_name, get_sampler, sampler_fields
 
 SCHEMA = "scorecam_explorer.cache/1"
 """The value of the ``schema`` attribute of every cache this version writes and reads."""
@@ -119,9 +119,11 @@ def build_cache(
     """Assemble and validate a cache from numpy arrays (see ``docs/cache.md``).
 
     ``layers`` must be in model order (shallow to deep); its keys become the node names.
-    ``sampler`` (default Score-CAM's) is recorded in the ``mask_sampler`` attribute.
+    ``sampler`` (default Score-CAM's) is recorded in the ``mask_sampler`` attribute, and its
+    family (``score-cam``, ``ss-cam``, ``is-cam``) in ``family``, for readers.
     """
     n_images = inputs.shape[0]
+    mask_sampler = get_sampler(sampler)
     root = xr.Dataset(
         {
             "picture": (ROOT_VARIABLES["picture"], np.asarray(pictures, dtype=np.uint8)),
@@ -140,7 +142,8 @@ def build_cache(
             "weights_fingerprint": str(weights_fingerprint),
             "preprocessing": json.dumps(dict(preprocessing) if preprocessing is not None else None, sort_keys=True),
             "mask_convention": convention.to_json(),
-            "mask_sampler": get_sampler(sampler).to_json(),
+            "mask_sampler": mask_sampler.to_json(),
+            "family": family_name(mask_sampler.describe()),
             "dtype": str(dtype),
             "device": str(device),
             "forward_passes": int(forward_passes),

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.cache import cache_layers, convention_fields
+from scorecam_explorer.cache import cache_layers, cache_sampler, convention_fields
 from scorecam_explorer.errors import (
     CacheError,
     NonFiniteError,
@@ -55,7 +55,7 @@ from scorecam_explorer.errors import (
 from scorecam_explorer.kernels import log_normalizer as _log_normalizer
 from scorecam_explorer.kernels import min_max as _min_max
 from scorecam_explorer.kernels import pearson, preset_weights, rank_order, target_scores, top_k_mask
-from scorecam_explorer.presets import PRESETS, Preset, Resolution, TargetScores, get_preset
+from scorecam_explorer.presets import PRESETS, Preset, Resolution, TargetScores, check_preset_applies, get_preset
 from scorecam_explorer.resize import resize_adjoint, resize_bilinear
 from scorecam_explorer.targets import class_index, names_table
 
@@ -114,6 +114,7 @@ class _CacheArrays:
     input_size: tuple[int, int]
     mask_convention: dict[str, Any]
     layer_names: list[str]
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "scorecam", "samples": 1})
     layers: dict[str, _LayerSource] = field(default_factory=dict)
     _names_lower: dict[str, list[int]] | None = None
 
@@ -218,6 +219,7 @@ def _read_root(cache: xr.DataTree) -> _CacheArrays:
         input_size=input_size,
         mask_convention=convention_fields(cache),
         layer_names=cache_layers(cache),
+        sampler=cache_sampler(cache),
     )
 
 
@@ -391,6 +393,7 @@ def _weights(
 ) -> _Weights:
     chosen = get_preset(preset)
     root, arrays, indices, rows = _layer_rows(cache, layer, image)
+    check_preset_applies(chosen, root.sampler)
     targets = _targets_for(root, target, indices)
     selected = np.asarray(indices, dtype=np.int64)
     scores = target_scores(

@@ -16,6 +16,7 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
@@ -44,11 +45,13 @@ from scorecam_explorer.rewriting import (
     reject_fused,
     remembers_copy,
 )
-from scorecam_explorer.sampling import MaskSampler, get_sampler
+from scorecam_explorer.sampling import MaskSampler, cost_text, resolve_sampler
 from scorecam_explorer.scoring import baseline_logits, score_layer
 
 # Images per unmasked / baseline pass (bounds the memory of those passes).
 _IMAGE_CHUNK = 16
+
+_logger = logging.getLogger(__name__)
 
 
 def compute_cache(
@@ -70,6 +73,9 @@ def compute_cache(
     fuse_pointwise: bool = True,
     adapt_threads: bool = True,
     sampler: str | MaskSampler | None = None,
+    family: str | None = None,
+    samples: int | None = None,
+    std: float | None = None,
 ) -> xr.DataTree:
     """Run the unmasked, baseline and masked forward passes and return the cache.
 
@@ -127,6 +133,16 @@ def compute_cache(
             sampler says their inputs are all the baseline. Random draws come from a
             generator seeded with the sampler's ``seed``, one per layer. Recorded in the
             cache's ``mask_sampler`` attribute.
+        family: the Score-CAM family member, the plain spelling of ``sampler``:
+            ``"score-cam"`` (the default), ``"ss-cam"`` (SS-CAM: S noisy masks X∘(H_k + δ),
+            δ ~ N(0, std²), drawn from torch's global generator in torchcam's order, so that
+            the same ``torch.manual_seed`` reproduces torchcam's ``SSCAM`` noise) or
+            ``"is-cam"`` (IS-CAM: S scaled masks c_s X∘H_k). Not with ``sampler``.
+        samples: S, the masked inputs per channel (None: torchcam's defaults, 35 for SS-CAM,
+            10 for IS-CAM; Score-CAM has 1). The masked passes cost S times Score-CAM's,
+            and for SS-CAM a constant channel is forwarded too (its noise is not zero):
+            the count is logged, and shown on the progress bar, before they start.
+        std: SS-CAM's noise standard deviation σ (None: 2.0); only for SS-CAM.
 
     Returns:
         The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
@@ -134,7 +150,7 @@ def compute_cache(
     """
     watch = Stopwatch()
     mask_convention = get_convention(convention)
-    mask_sampler = get_sampler(sampler)
+    mask_sampler = resolve_sampler(sampler, family=family, samples=samples, std=std)
     precision = device_setup.check_native_precision(precision, device)  # before any forward pass
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
@@ -244,7 +260,9 @@ def _score_layers(
     """The masked passes of every layer, in model order, with one progress bar."""
     total = sum(int(a.shape[0] * a.shape[1]) for a in activations.values())
     arrays: dict[str, LayerArrays] = {}
-    with _progress_bar(total, progress) as bar:
+    cost = cost_text(sampler, total)  # said before any masked pass
+    _logger.info("%s", cost)
+    with _progress_bar(total, progress, cost if int(sampler.samples) > 1 or not sampler.constant_is_free else None) as bar:
         advance = _progress_counter(bar, total, on_progress)
         for name, activation in activations.items():
             bar.set_postfix_str(name)
@@ -404,10 +422,10 @@ def _model_on(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
             module.to(original)
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, enabled: bool, description: str | None = None) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="ch", desc="Score-CAM", disable=not enabled, leave=False)
+    return tqdm(total=total, unit="ch", desc=description or "Score-CAM", disable=not enabled, leave=False)
 
 
 def _progress_counter(bar: Any, total: int, on_progress: Callable[[int, int], None] | None) -> Callable[[int], None]:

@@ -15,7 +15,25 @@ a preset is a short class that says
 * ``align_corners``: the bilinear upsampling used to bring the map to input resolution
   (``None``: the one the cache's masks were built with),
 * ``mask_convention``: the mask convention (see :mod:`scorecam_explorer.conventions`) a cache
-  must be computed with for the preset to reproduce its implementation exactly.
+  must be computed with for the preset to reproduce its implementation exactly,
+* ``one_sample_only``: whether it reads something of each masked pass that the mean over
+  samples of a Score-CAM family cache does not keep (see below).
+
+The Score-CAM family (:mod:`scorecam_explorer.sampling`). A cache computed with SS-CAM or
+IS-CAM keeps, per channel, the mean over its S samples of the model's output,
+f̄_k = (1/S) sum_s f(M_k^(s)), where a Score-CAM cache keeps f(X∘H_k). The presets read f̄_k
+in its place:
+
+* ``paper``: softmax_k(f̄^c_k - f^c(X_b)), the SS-CAM and IS-CAM papers' weights.
+* ``torchcam``: softmax_k(f̄^c_k - f^c(X)), torchcam 0.5.0's ``SSCAM`` and ``ISCAM`` exactly
+  (their mean of f^c(M_k^(s)) - f^c(X), up to float32 rounding: they sum the differences).
+* ``pytorch-grad-cam``: softmax_k(f̄^c_k), the same weights as the two above (shift
+  invariance); grad-cam has no SS-CAM or IS-CAM of its own, so this is its pipeline on the
+  family's scores.
+* ``official`` does not apply: it weighs channel k by the class probability of its masked
+  input, and the family's version of that is the mean over samples of softmax(f(M_k^(s))),
+  which the mean of f does not give (softmax(f̄) is not the mean of the softmaxes). It
+  refuses a cache with more than one sample per channel.
 
 Notation: A_k is channel k's activation map, f^c the logit of class c, p^c = softmax(f)^c
 the class probability, X_b = X * 0 the baseline input, softmax_k a softmax over channels.
@@ -32,9 +50,9 @@ No preset imports torch: they run on plain numpy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -86,6 +104,7 @@ class Preset:
     normalize_eps: ClassVar[float] = 0.0
     align_corners: ClassVar[bool | None] = False
     mask_convention: ClassVar[str]
+    one_sample_only: ClassVar[bool] = False
 
     def scores(self, target: TargetScores) -> np.ndarray:
         """The score s_k per (image, channel) this preset turns into weights."""
@@ -136,6 +155,7 @@ class OfficialPreset(Preset):
     skip_constant = True
     relu_at = "input"
     mask_convention = "official"
+    one_sample_only = True  # p^c of each masked pass; a mean over samples of f cannot give it
 
     def scores(self, target: TargetScores) -> np.ndarray:
         return target.masked_probability
@@ -180,6 +200,22 @@ PRESETS: dict[str, Preset] = {
     preset.name: preset for preset in (PaperPreset(), OfficialPreset(), PytorchGradCamPreset(), TorchcamPreset())
 }
 """The named weighting presets, keyed by name."""
+
+
+def check_preset_applies(preset: Preset, sampler: Mapping[str, Any]) -> Preset:
+    """``preset``, or a ScorecamError when it does not apply to a cache computed with the mask
+    sampler ``sampler`` (its recorded fields, :func:`scorecam_explorer.cache.cache_sampler`)."""
+    samples = int(sampler.get("samples", 1))
+    if preset.one_sample_only and samples > 1:
+        from scorecam_explorer.sampling import family_label
+
+        applicable = ", ".join(name for name, other in PRESETS.items() if not other.one_sample_only)
+        raise ScorecamError(
+            f"the {preset.name!r} preset weighs each channel by the class probability of its masked input; "
+            f"this cache ({family_label(sampler)}) keeps the mean of the model's outputs over the samples, "
+            f"from which the mean probability cannot be recovered. Use one of {applicable}."
+        )
+    return preset
 
 
 def get_preset(preset: str | Preset) -> Preset:

@@ -128,6 +128,7 @@ def score_layer(
             Each batch of channels is forwarded once per sample, so ``planner`` sees the
             time of one forward pass of the batch's size.
         generator: what the sampler draws from (default: ``sampler.generator`` on X's device).
+            The sampler's ``start_layer`` is called first, with the layer's N, C and (H, W).
 
     Raises:
         NonFiniteError: a masked output with NaN or inf.
@@ -138,6 +139,7 @@ def score_layer(
     n_samples = int(sampler.samples)
     n_images, n_channels = activation.shape[:2]
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    sampler.start_layer(n_images=int(n_images), n_channels=int(n_channels), size=size)
     masked_logits = torch.empty((n_images, n_channels, baseline.shape[1]), dtype=torch.float32)
     constant = torch.zeros((n_images, n_channels), dtype=torch.bool)
     forwarded = 0

@@ -89,6 +89,9 @@ class Explorer:
         target: class index or name to show first (default: the top-1 class).
         preset: ``paper``, ``official``, ``pytorch-grad-cam`` or ``torchcam``.
         image: index of the picture to show first.
+        others: caches of the same pictures computed with other members of the Score-CAM
+            family (``compute_cache(..., family="ss-cam")``): Compare then puts, say,
+            Score-CAM and SS-CAM side by side.
 
     An unknown ``layer`` or ``target`` does not raise: the explorer opens on the default
     and says why. Display it by leaving it as the last expression of a cell.
@@ -103,10 +106,11 @@ class Explorer:
         target: int | str | None = None,
         preset: str = "paper",
         image: int = 0,
+        others: Sequence[xr.DataTree] = (),
     ) -> None:
         # First, so that plotly.js starts loading in the browser before any figure needs it.
         self.plotly = PlotlyBundle()
-        self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image)
+        self.state = ExplorerState(cache, layer=layer, target=target, preset=preset, image=image, others=others)
         self.model = ModelLink(model, cache.attrs.get("weights_fingerprint"))
         self.state.warm_up()
         self.controls = Controls(self.state, self.model)
@@ -166,6 +170,7 @@ class Explorer:
             "<div style='font-size:19px;font-weight:600'>Score-CAM explorer</div>"
             f"<div style='font-size:12px;color:#666;line-height:1.5'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
             f"{html.escape(', '.join(self.state.image_ids))} · "
+            f"{html.escape(self.state.family)} · "
             f"{html.escape(masks_text(self._convention_name()))} · every map below is recomposed from the cache, "
             "with no forward pass</div>"
         )

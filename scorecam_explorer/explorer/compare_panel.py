@@ -1,7 +1,8 @@
 """Panel 5, compare: two maps side by side and their difference.
 
 Compare two presets, two layers or two classes (full maps, every channel, for the current
-picture and the other current choices), or, when a model is attached, Score-CAM against the
+picture and the other current choices), two members of the Score-CAM family (Score-CAM and
+SS-CAM, say) when the explorer was given their caches, or, when a model is attached, Score-CAM against the
 gradient methods of the registry (:mod:`scorecam_explorer.methods`: Grad-CAM, Grad-CAM++ and
 any gradient method registered since), read each time the choices are set.
 """
@@ -19,10 +20,16 @@ from scorecam_explorer.explorer.model_link import BASELINE_METHODS, ModelLink, e
 from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ExplorerState
 from scorecam_explorer.figures import compare_spec
-from scorecam_explorer.presets import PRESETS
 
-MODES = {"presets": "two presets", "layers": "two layers", "classes": "two classes", "methods": "Score-CAM vs gradients"}
-"""What Compare can put side by side ("methods" only with a model)."""
+MODES = {
+    "presets": "two presets",
+    "layers": "two layers",
+    "classes": "two classes",
+    "families": "two family members",
+    "methods": "Score-CAM vs gradients",
+}
+"""What Compare can put side by side ("methods" only with a model; "families" only with the
+caches of other Score-CAM family members, ``Explorer(cache, others=[...])``)."""
 
 SCORECAM = "scorecam"
 
@@ -41,7 +48,11 @@ class ComparePanel(Panel):
         super().__init__(state)
         self.model = model
         self._gradient_maps: dict[tuple, xr.DataArray] = {}
-        modes = [(label, key) for key, label in MODES.items() if key != "methods" or model.available]
+        modes = [
+            (label, key)
+            for key, label in MODES.items()
+            if (key != "methods" or model.available) and (key != "families" or len(state.families) > 1)
+        ]
         # Wide enough for the longest label, "Score-CAM vs gradients", in a notebook's font.
         self.mode = widgets.ToggleButtons(description="Compare", options=modes, value="presets",
                                           style={"button_width": "185px"})
@@ -70,9 +81,11 @@ class ComparePanel(Panel):
     def _options(self, mode: str) -> list[tuple[str, Any]]:
         state = self.state
         if mode == "presets":
-            return [(name, name) for name in PRESETS]
+            return [(name, name) for name in state.presets]
         if mode == "layers":
             return [(name, name) for name in state.layers]
+        if mode == "families":
+            return [(name, name) for name in state.families]
         if mode == "classes":
             top = state.predictions()
             options = [(f"{name} · {p:.1%}", int(index)) for name, index, p in zip(top["class_name"].values, top["class"].values, top.values)]
@@ -85,7 +98,8 @@ class ComparePanel(Panel):
     def _defaults(self, mode: str, options: list[tuple[str, Any]]) -> tuple[Any, Any]:
         s = self.state.selection
         values = [value for _, value in options]
-        current = {"presets": s.preset, "layers": s.layer, "classes": s.target, "methods": SCORECAM}[mode]
+        current = {"presets": s.preset, "layers": s.layer, "classes": s.target, "families": self.state.family,
+                   "methods": SCORECAM}[mode]
         others = [value for value in values if value != current]
         if mode == "layers" and current in values:
             index = values.index(current)
@@ -123,6 +137,8 @@ class ComparePanel(Panel):
             return state.map_for(layer=choice), f"{choice} · {s.preset}"
         if mode == "classes":
             return state.map_for(target=int(choice)), f"{state.class_names[int(choice)]}"
+        if mode == "families":
+            return state.family_map(str(choice)), f"{choice} · {s.preset} · {s.layer}"
         if choice == SCORECAM:
             return state.full_map(), f"Score-CAM ({s.preset}) · {s.layer}"
         key = (choice, s.layer, s.target, s.image, id(state.cache))

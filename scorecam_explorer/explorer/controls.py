@@ -19,7 +19,6 @@ from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer.model_link import ModelLink, error_text
 from scorecam_explorer.explorer.panel import Panel, message_html
 from scorecam_explorer.explorer.state import ExplorerState
-from scorecam_explorer.presets import PRESETS
 
 T = TypeVar("T")
 
@@ -93,7 +92,7 @@ class Controls(Panel):
         )
         self.preset = widgets.Dropdown(
             description="Preset",
-            options=[(name, name) for name in PRESETS],
+            options=[(name, name) for name in state.presets],
             layout=widgets.Layout(width="240px"),
             tooltip="how scores become channel weights",
         )
@@ -177,6 +176,7 @@ class Controls(Panel):
             if "cache" in changed:
                 self.layer.options = self.state.layers
                 self.image.options = self._image_options()
+                self.preset.options = [(name, name) for name in self.state.presets]
             self.image.value = selection.image
             if changed & {"cache", "image", "target"}:
                 self.target.options = self._target_options()

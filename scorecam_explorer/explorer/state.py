@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from scorecam_explorer.cache import cache_sampler
 from scorecam_explorer.colormaps import COLORMAPS
 from scorecam_explorer.compose import (
     cached_layers,
@@ -31,7 +32,8 @@ from scorecam_explorer.compose import (
 from scorecam_explorer.errors import ScorecamError, UnknownLayerError, did_you_mean
 from scorecam_explorer.explorer import analysis
 from scorecam_explorer.figures.channels import SORT_KEYS, channel_order
-from scorecam_explorer.presets import PRESETS
+from scorecam_explorer.presets import PRESETS, check_preset_applies
+from scorecam_explorer.sampling import family_label
 
 Listener = Callable[[frozenset[str]], None]
 
@@ -75,6 +77,29 @@ def kept_channels(weights: np.ndarray, switched_off: Iterable[int], top_k: int |
     return kept & on
 
 
+def _family_caches(cache: xr.DataTree, others: Sequence[xr.DataTree]) -> dict[str, xr.DataTree]:
+    """The other family members' caches by label, checked: same model weights, same pictures
+    (image ids and inputs), each a different family member."""
+    labels = [family_label(cache_sampler(cache))]
+    result: dict[str, xr.DataTree] = {}
+    for other in others:
+        if not isinstance(other, xr.DataTree):
+            raise ScorecamError(f"others must be caches (xarray.DataTree), not {type(other).__name__}.")
+        label = family_label(cache_sampler(other))
+        if label in labels:
+            raise ScorecamError(f"two caches of {label} were given; Compare puts different family members side by side.")
+        if other.attrs.get("weights_fingerprint") != cache.attrs.get("weights_fingerprint"):
+            raise ScorecamError(f"the {label} cache was computed with other model weights than this cache.")
+        both = set(cache.dataset.data_vars) & set(other.dataset.data_vars)
+        pictures = "input" if "input" in both else "picture"
+        same_images = list(other["image"].values) == list(cache["image"].values)
+        if not same_images or not np.array_equal(other[pictures].values, cache[pictures].values):
+            raise ScorecamError(f"the {label} cache holds other pictures than this cache.")
+        labels.append(label)
+        result[label] = other
+    return result
+
+
 class ExplorerState:
     """The current :class:`Selection` over a cache, the listeners, and memoised arrays.
 
@@ -83,6 +108,9 @@ class ExplorerState:
         layer, target, preset, image: the first selection. An unknown layer or class does
             not raise: the state starts on the deepest cached layer / the top-1 class and
             :attr:`notice` says why.
+        others: caches of the same pictures and model computed with other members of the
+            Score-CAM family (``compute_cache(..., family="ss-cam")``), for Compare to put
+            beside this one (:meth:`family_map`).
     """
 
     def __init__(
@@ -93,8 +121,10 @@ class ExplorerState:
         target: int | str | None = None,
         preset: str = "paper",
         image: int = 0,
+        others: Sequence[xr.DataTree] = (),
     ) -> None:
         self._cache = cache
+        self._others = _family_caches(cache, others)
         self._listeners: list[Listener] = []
         self._memo: OrderedDict[Hashable, Any] = OrderedDict()
         self.notice = ""
@@ -133,6 +163,46 @@ class ExplorerState:
     def layers(self) -> list[str]:
         """The cached layers, shallow to deep."""
         return cached_layers(self._cache)
+
+    @property
+    def family(self) -> str:
+        """The Score-CAM family member the cache was computed with, in words
+        (``"Score-CAM"``, ``"SS-CAM, 35 samples, σ = 2"``, ``"IS-CAM, 10 samples"``)."""
+        try:
+            return family_label(cache_sampler(self._cache))
+        except ScorecamError:
+            return "?"
+
+    @property
+    def families(self) -> list[str]:
+        """This cache's family member (:attr:`family`) and those of the other caches given."""
+        return [self.family, *self._others]
+
+    def family_map(self, family: str, selection: Selection | None = None) -> xr.DataArray:
+        """The full map of the current selection from the cache of ``family`` (one of
+        :attr:`families`), for Compare; a ScorecamError when that cache lacks the layer or the
+        preset does not apply to it."""
+        s = selection or self._selection
+        if family == self.family:
+            return self.full_map(s)
+        if family not in self._others:
+            raise ScorecamError(f"no {family} cache to compare with; the explorer holds {', '.join(self.families)}.")
+        other = self._others[family]
+        if s.layer not in cached_layers(other):
+            raise ScorecamError(f"the {family} cache does not hold layer {s.layer!r} (it holds {', '.join(cached_layers(other))}).")
+        return self._remember(
+            ("family", family, s.layer, s.target, s.preset, s.image),
+            lambda: scorecam(other, s.layer, s.target, preset=s.preset, image=s.image),
+        )
+
+    @property
+    def presets(self) -> list[str]:
+        """The presets that apply to the cache (``official`` needs one sample per channel)."""
+        try:
+            sampler = cache_sampler(self._cache)
+        except ScorecamError:
+            return list(PRESETS)
+        return [name for name, preset in PRESETS.items() if not (preset.one_sample_only and int(sampler["samples"]) > 1)]
 
     @property
     def class_names(self) -> list[str]:
@@ -219,6 +289,7 @@ class ExplorerState:
                 f"unknown preset {selection.preset!r}; choose one of {', '.join(PRESETS)}."
                 f"{did_you_mean(selection.preset, PRESETS)}"
             )
+        check_preset_applies(PRESETS[selection.preset], cache_sampler(self._cache))
         n_channels = self.channel_count(selection.layer)
         if selection.top_k is not None:
             if isinstance(selection.top_k, bool) or int(selection.top_k) < 1:
