@@ -183,6 +183,9 @@ def test_defaults_reach_compute_cache(tmp_path, recorded):
         (["--no-adapt-threads"], "adapt_threads", False),
         (["--no-fold-batchnorm"], "fold_batchnorm", False),
         (["--no-fuse"], "fuse_pointwise", False),
+        (["--family", "ss-cam"], "family", "ss-cam"),
+        (["--family", "is-cam", "--samples", "4"], "samples", 4),
+        (["--family", "ss-cam", "--std", "0.5"], "std", 0.5),
     ],
 )
 def test_each_flag_reaches_compute_cache(tmp_path, recorded, arguments, option, value, native_bfloat16):
@@ -213,6 +216,38 @@ def test_compute_dataset_takes_layers_after_one_flag_or_repeated(tmp_path):
         ["compute-dataset", "--images", str(tmp_path), "--layer", "a", "b", "--layer", "c", "--out", str(tmp_path / "s.zarr")]
     )
     assert args.layer == ["a", "b", "c"]
+
+
+def test_summary_of_a_family_counts_its_samples():
+    from scorecam_explorer.commands.compute import summary
+
+    noisy = summary(100, 30, 40, 1.0, "c.zarr", samples=35, constant_is_free=False)
+    assert "30 of constant channels, forwarded too" in noisy and "3500 forwarded in batches (35 per channel)" in noisy
+    scaled = summary(100, 30, 40, 1.0, "c.zarr", samples=10, constant_is_free=True)
+    assert "700 forwarded in batches (10 per channel)" in scaled
+
+
+def test_compute_an_is_cam_cache_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "is.zarr"
+    status = main(
+        ["compute", *MODEL, "--image", "sample:chelsea", "--layer", "features.1", "--family", "is-cam",
+         "--samples", "3", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    )
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    cache = load_cache(out)
+    assert json.loads(cache.attrs["mask_sampler"])["name"] == "is-cam"
+    assert json.loads(cache.attrs["mask_sampler"])["samples"] == 3
+    assert "IS-CAM" in printed.out and "(3 per channel)" in printed.out
+
+
+def test_std_without_ss_cam_is_refused(tmp_path, capsys):
+    status = main(
+        ["compute", *MODEL, "--image", "sample:chelsea", "--family", "is-cam", "--std", "1", "--no-progress",
+         "--out", str(tmp_path / "c.zarr")]
+    )
+    assert status == 2
+    assert "std" in capsys.readouterr().err
 
 
 def test_summary_says_why_there_are_fewer_forward_passes_than_channels():

@@ -50,6 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_convention_argument(parser)
     parser.add_argument(
+        "--family",
+        default="score-cam",
+        choices=["score-cam", "ss-cam", "is-cam"],
+        help="Score-CAM (one masked input per channel), SS-CAM (noisy masks) or IS-CAM (scaled masks); "
+        "SS-CAM and IS-CAM forward --samples inputs per channel (default: score-cam)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        metavar="S",
+        help="masked inputs per channel for ss-cam / is-cam (default: torchcam's, 35 for ss-cam, 10 for is-cam)",
+    )
+    parser.add_argument(
+        "--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)"
+    )
+    parser.add_argument(
         "--batch-size",
         type=positive_int,
         metavar="N",
@@ -93,13 +109,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def family_options(args: argparse.Namespace) -> dict[str, object]:
+    """``compute_cache``'s family arguments, only where the command line set them (a plain
+    Score-CAM call stays the default call)."""
+    if args.family == "score-cam" and args.samples is None and args.std is None:
+        return {}
+    options: dict[str, object] = {"family": args.family}
+    if args.samples is not None:
+        options["samples"] = args.samples
+    if args.std is not None:
+        options["std"] = args.std
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from scorecam_explorer.cache import cache_layers, save_cache
+    from scorecam_explorer.cache import cache_layers, cache_sampler, save_cache
     from scorecam_explorer.engine import compute_cache
     from scorecam_explorer.errors import CacheError
     from scorecam_explorer.images import load_image
+    from scorecam_explorer.sampling import sampler_from_fields
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before the costly part
@@ -124,12 +154,14 @@ def run(args: argparse.Namespace) -> int:
         adapt_threads=not args.no_adapt_threads,
         fold_batchnorm=not args.no_fold_batchnorm,
         fuse_pointwise=not args.no_fuse,
+        **family_options(args),
     )
     saved = save_cache(cache, out, overwrite=args.overwrite)
 
     attrs = cache.attrs
+    sampler = sampler_from_fields(cache_sampler(cache))
     print(f"model {attrs['model_name']} ({attrs['weights_fingerprint']}), {cache.sizes['image']} image(s), "
-          f"convention {args.convention}, {attrs['dtype']} on {attrs['device']}")
+          f"convention {args.convention}, {sampler.label()}, {attrs['dtype']} on {attrs['device']}")
     masked_inputs = constant_inputs = 0
     for layer in cache_layers(cache):
         node = cache[layer]
@@ -139,21 +171,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {layer}: {channels} channels, constant per image: {constant_text}")
         masked_inputs += channels * len(constant)
         constant_inputs += int(constant.sum())
-    print(summary(masked_inputs, constant_inputs, int(attrs["forward_passes"]), float(attrs["seconds"]), str(saved)))
+    print(summary(
+        masked_inputs, constant_inputs, int(attrs["forward_passes"]), float(attrs["seconds"]), str(saved),
+        samples=int(sampler.samples), constant_is_free=bool(sampler.constant_is_free),
+    ))
     return 0
 
 
-def summary(masked_inputs: int, constant_inputs: int, forward_passes: int, seconds: float, saved: str) -> str:
+def summary(
+    masked_inputs: int,
+    constant_inputs: int,
+    forward_passes: int,
+    seconds: float,
+    saved: str,
+    *,
+    samples: int = 1,
+    constant_is_free: bool = True,
+) -> str:
     """The closing lines of ``compute``: why the forward passes are fewer than the channels.
 
-    A constant channel's normalised mask is all zero, so its masked input is the baseline,
-    forwarded once per image for all of them; the other masked inputs go through the model in
-    batches, so a forward pass (one model call) holds many of them.
+    ``masked_inputs`` counts channels x images. With Score-CAM a constant channel's
+    normalised mask is all zero, so its masked input is the baseline, forwarded once per
+    image for all of them; the other masked inputs go through the model in batches, so a
+    forward pass (one model call) holds many of them. SS-CAM and IS-CAM forward ``samples``
+    inputs per channel, and SS-CAM's constant channels too (``constant_is_free`` False:
+    their noise is not zero).
     """
+    skipped = constant_inputs if constant_is_free else 0
+    forwarded = (masked_inputs - skipped) * samples
+    if constant_is_free:
+        constant_text = (
+            f"{constant_inputs} of constant channels (an all-zero mask: the one baseline pass per image stands "
+            "for them), "
+        )
+    else:
+        constant_text = f"{constant_inputs} of constant channels, forwarded too (their noisy masks are not zero), "
+    per_channel = f" ({samples} per channel)" if samples > 1 else ""
     return (
-        f"{masked_inputs} masked inputs (channels x images): {constant_inputs} of constant channels "
-        f"(an all-zero mask: the one baseline pass per image stands for them), "
-        f"{masked_inputs - constant_inputs} forwarded in batches\n"
+        f"{masked_inputs} masked inputs (channels x images): {constant_text}"
+        f"{forwarded} forwarded in batches{per_channel}\n"
         f"{forward_passes} forward passes (model calls: the batches, plus the unmasked and baseline passes "
         f"and checks) in {seconds:.1f} s; saved to {saved}"
     )
