@@ -220,7 +220,7 @@ def sanity_check(
     batch = model_inputs(model, inputs)
     original_module = module_of(model)
     with forward_call_counter(original_module) as target_calls:  # the layer probe and f(X) for the targets
-        layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
+        layer_name = resolve_layer(model, layer, tuple(batch.tensor.shape[2:]))
         logits = logits_of(original_module, batch.tensor, batch_size)
     targets = targets_for(model, None, target, logits)
     available = cascade_groups(original_module, depth)
