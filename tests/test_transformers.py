@@ -321,3 +321,13 @@ def test_evaluation_the_sanity_check_and_the_explorer_work_on_transformers(build
     cache = compute_cache(loaded, "sample:chelsea", None, batch_size=32, progress=False, device="cpu")
     explorer = Explorer(cache, model=loaded)
     assert explorer is not None
+
+
+def test_the_methods_keep_a_layout_given_with_reshape() -> None:
+    from scorecam_explorer.methods import get_method
+
+    loaded = from_module(PatchTokens(), input_size=16, reshape={"block": "tokens"}, default_layer="block")
+    inputs = inputs_for((16, 16))
+    for key in ("scorecam", "gradcam", "gradcam++"):
+        maps = get_method(key).compute(loaded, inputs, None, None, batch_size=8)
+        assert maps.shape == (2, 16, 16) and maps.attrs["layer"] == "block"
