@@ -155,7 +155,8 @@ class TokenLayout(LayerLayout):
     expects: ClassVar[str] = "a 3-D (N, T, D) tensor of tokens"
 
     def __post_init__(self) -> None:
-        if self.prefix is not None and (isinstance(self.prefix, bool) or not isinstance(self.prefix, int) or self.prefix < 0):
+        prefix = self.prefix
+        if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
             raise ScorecamError(f"a token layout's prefix must be a count of tokens (0 or more); got {self.prefix!r}.")
         object.__setattr__(self, "patch", _pair(self.patch, "patch size"))
         object.__setattr__(self, "grid", _pair(self.grid, "grid"))

@@ -331,3 +331,12 @@ def test_the_methods_keep_a_layout_given_with_reshape() -> None:
     for key in ("scorecam", "gradcam", "gradcam++"):
         maps = get_method(key).compute(loaded, inputs, None, None, batch_size=8)
         assert maps.shape == (2, 16, 16) and maps.attrs["layer"] == "block"
+
+
+def test_the_sanity_check_keeps_a_layout_given_with_reshape() -> None:
+    from scorecam_explorer.metrics import sanity_check
+
+    loaded = from_module(PatchTokens(), input_size=16, reshape={"block": "tokens"}, default_layer="block")
+    for method in ("scorecam", "gradcam"):
+        result = sanity_check(loaded, inputs_for((16, 16)), method=method, batch_size=8)
+        assert result.attrs["layer"] == "block" and result.attrs["forward_passes"] > 0
