@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "load_model": "scorecam_explorer.models",
     "from_module": "scorecam_explorer.models",
     "LayerLayout": "scorecam_explorer.layouts",
+    "TokenLayout": "scorecam_explorer.layouts",
     "available_models": "scorecam_explorer.models",
     "Preprocessing": "scorecam_explorer.preprocessing",
     "load_image": "scorecam_explorer.images",

@@ -138,16 +138,25 @@ def targets_from_logits(target: TargetLike, logits: torch.Tensor, class_names: S
     return [class_index(item, class_names, count=n_classes, table=table) for item in items]
 
 
-def resolve_layer(model: ModelLike, layer: str | None, input_size: int) -> str:
-    """The layer's ``named_modules()`` name; the model's default layer when ``layer`` is None."""
+def resolve_layer(model: ModelLike, layer: str | None, input_size: int | tuple[int, int]) -> str:
+    """The layer's ``named_modules()`` name; the model's default layer when ``layer`` is None.
+
+    A bare module's default layer is its family's (torchvision's ViT and Swin,
+    :func:`scorecam_explorer.models.model_family`), else the one a probe at ``input_size``
+    (the input's side, or (height, width)) finds.
+    """
     check = getattr(model, "check_layer", None)
     if callable(check):
         return str(check(layer)) if layer is not None else str(model.default_layer)  # type: ignore[union-attr]
     module = module_of(model)
     if layer is None:
         from scorecam_explorer.layers import probe_layers
+        from scorecam_explorer.models import model_family
 
-        _, default = probe_layers(module, input_size)
+        family = model_family(module)
+        if family is not None and family.default_layer is not None:
+            return family.default_layer
+        _, default = probe_layers(module, input_size, lambda name: layout_of(module, name))
         if default is None:
             raise UnknownLayerError("the model has no layer with a spatial output to explain: give layer=...")
         return default
@@ -192,11 +201,13 @@ class _LayerCapture:
     outputs: list[torch.Tensor]
     layer: str = ""
     layout: LayerLayout = NCHW
+    input_size: tuple[int, int] | None = None
     calls: int = 0
 
     def __call__(self, module: nn.Module, _inputs: object, output: object) -> torch.Tensor:
         self.calls += 1
-        maps_of(self.layout, output.detach() if isinstance(output, torch.Tensor) else output, self.layer)
+        detached = output.detach() if isinstance(output, torch.Tensor) else output
+        maps_of(self.layout, detached, self.layer, input_size=self.input_size)
         leaf = output.detach().clone().requires_grad_(True)  # type: ignore[union-attr]
         self.outputs.append(leaf)
         # Downstream modules get a differentiable copy: in-place operations there modify the
@@ -213,9 +224,10 @@ def layer_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Activations A and gradients dy^c/dA at ``layer`` (both (N, C, u, v)), logits (N, K), classes.
 
-    The layer's output O is read through its layout (a LoadedModel's ``layout_for``; ``nchw``,
-    A = O, for a bare module): A = to_maps(O) and dy/dA = to_maps(dy/dO), exact because a
-    layout only reorders and selects O's entries (:mod:`scorecam_explorer.layouts`).
+    The layer's output O is read through its layout (a LoadedModel's ``layout_for``; for a bare
+    module its family's, else ``nchw``, A = O; :func:`~scorecam_explorer.layouts.layout_of`) at
+    the input's size: A = to_maps(O) and dy/dA = to_maps(dy/dO), exact because a layout only
+    reorders and selects O's entries (:mod:`scorecam_explorer.layouts`).
 
     One forward and one backward pass per batch of images; image n's gradient is taken for its
     own class c_n (``target`` resolved by :func:`targets_from_logits`; None: the top-1 class).
@@ -236,7 +248,8 @@ def layer_gradients(
     with eval_mode(module), torch.enable_grad():
         for start in range(0, n_images, batch_size):
             batch = inputs[start : start + batch_size].to(device)
-            capture = _LayerCapture(outputs=[], layer=layer, layout=layout)
+            size = (int(batch.shape[-2]), int(batch.shape[-1]))
+            capture = _LayerCapture(outputs=[], layer=layer, layout=layout, input_size=size)
             handle = layer_module.register_forward_hook(capture)
             try:
                 output = module(batch)
@@ -263,8 +276,8 @@ def layer_gradients(
                     f"the model's output does not depend on layer {layer!r}: its output does not feed "
                     "the class scores; choose a layer on the path to the output"
                 )
-            activations.append(maps_of(layout, leaf.detach(), layer).float().cpu())
-            gradients.append(maps_of(layout, gradient.detach(), layer).float().cpu())
+            activations.append(maps_of(layout, leaf.detach(), layer, input_size=size).float().cpu())
+            gradients.append(maps_of(layout, gradient.detach(), layer, input_size=size).float().cpu())
             logits.append(output.detach().float().cpu())
             classes.extend(batch_classes)
     result = torch.cat(activations), torch.cat(gradients), torch.cat(logits)
@@ -309,7 +322,7 @@ def gradient_cam(
     """
     batch = model_inputs(model, inputs)
     height, width = int(batch.tensor.shape[2]), int(batch.tensor.shape[3])
-    layer_name = resolve_layer(model, layer, height)
+    layer_name = resolve_layer(model, layer, (height, width))
     activations, gradients, _, targets = layer_gradients(model, batch.tensor, layer_name, target, batch_size)
     maps = weighted_map(activations, weight_function(activations, gradients), (height, width))
     return maps_to_dataarray(maps.numpy(), batch.image_ids, targets, class_names_of(model), method, layer_name)

@@ -118,7 +118,7 @@ def capture(
     """Forward ``inputs`` (N, 3, H, W) once and record the activations of ``layers``.
 
     Each layer's output O is read through its layout in ``layouts`` (``nchw``, A = O, for a
-    layer not in it): A = ``to_maps(O)``, (N, C, h, w).
+    layer not in it), for an input of the size of ``inputs``: A = ``to_maps(O)``, (N, C, h, w).
 
     Raises:
         UnknownLayerError: a name the model does not have (closest names listed), or a layer
@@ -151,7 +151,7 @@ def capture(
 
     layouts = layouts or {}
     activations = {
-        name: _single_activation(name, recorded[name], inputs.shape[0], layouts.get(name, NCHW)) for name in names
+        name: _single_activation(name, recorded[name], inputs, layouts.get(name, NCHW)) for name in names
     }
     for name, activation in activations.items():
         check_finite(activation, f"the activation of layer {name!r}")
@@ -159,7 +159,7 @@ def capture(
     return Capture(activations=activations, logits=logits)
 
 
-def _single_activation(name: str, outputs: list[object], batch: int, layout: LayerLayout) -> torch.Tensor:
+def _single_activation(name: str, outputs: list[object], inputs: torch.Tensor, layout: LayerLayout) -> torch.Tensor:
     """The maps (N, C, h, w) of the one output a hooked layer produced, or a clear error."""
     if not outputs:
         raise ScorecamError(
@@ -171,4 +171,5 @@ def _single_activation(name: str, outputs: list[object], batch: int, layout: Lay
             f"layer {name!r} runs {len(outputs)} times per forward pass (the same module is used "
             f"at several places), so its activation is ambiguous; choose a module that runs once."
         )
-    return maps_of(layout, outputs[0], name, batch).float()
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    return maps_of(layout, outputs[0], name, int(inputs.shape[0]), size).float()

@@ -33,7 +33,7 @@ from scorecam_explorer.conventions import DEFAULT_CONVENTION, MaskConvention, ge
 from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.inputs import Inputs, prepare_inputs
 from scorecam_explorer.layouts import LayerLayout
-from scorecam_explorer.models import LoadedModel, from_module
+from scorecam_explorer.models import LoadedModel, as_loaded_model
 from scorecam_explorer.planner import Plan, Planner, Stopwatch, candidate_plans, remembered_threads, threads_restored
 from scorecam_explorer.preprocessing import Preprocessing
 from scorecam_explorer.rewriting import (
@@ -154,7 +154,7 @@ def compute_cache(
     precision = device_setup.check_native_precision(precision, device)  # before any forward pass
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
-        loaded = _as_loaded(model, preprocessing)
+        loaded = _as_loaded(model, preprocessing, inputs)
         layer_names = _resolve_layers(loaded, layers)
     preprocessing = preprocessing or loaded.preprocessing
     names = list(class_names) if class_names is not None else list(loaded.class_names)
@@ -374,11 +374,13 @@ def _probe_counter(model: LoadedModel | nn.Module) -> AbstractContextManager[lis
     return forward_call_counter(module) if isinstance(module, nn.Module) else nullcontext([0])
 
 
-def _as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> LoadedModel:
+def _as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None, inputs: object) -> LoadedModel:
+    """The LoadedModel, or a plain module wrapped and probed at the size of the input tensor
+    it is given (pictures: the preprocessing's size)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
-        return from_module(model, preprocessing=preprocessing)
+        return as_loaded_model(model, inputs, preprocessing=preprocessing)
     raise ScorecamError(
         f"model must be a LoadedModel (scorecam_explorer.load_model) or a torch.nn.Module, not {type(model).__name__}."
     )

@@ -498,7 +498,7 @@ def evaluate(
     batch = model_inputs(loaded, image_set.pictures, image_set.ids)
     if target is not None:  # a bad class fails now: checking a given class needs no forward pass
         targets_from_logits(target, torch.zeros(len(batch), len(loaded.class_names)), loaded.class_names)
-    layer_name = resolve_layer(loaded, layer, int(batch.tensor.shape[2]))
+    layer_name = resolve_layer(loaded, layer, tuple(batch.tensor.shape[2:]))
     for image_boxes in chosen_boxes.values():  # a bad box fails now, not after the maps
         for box in as_box_list(image_boxes):
             box_mask(box, int(batch.tensor.shape[2]), int(batch.tensor.shape[3]))

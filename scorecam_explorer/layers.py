@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import nn
@@ -47,13 +48,31 @@ def _is_listed(name: str, modules: dict[str, nn.Module]) -> bool:
 LayoutFor = Callable[[str], LayerLayout]
 """A layer name -> its layout (``LoadedModel.layout_for``)."""
 
+InputSize = Union[int, tuple[int, int]]
+"""The probe input's size: a side (square) or (height, width)."""
+
+
+def input_hw(input_size: InputSize) -> tuple[int, int]:
+    """``input_size`` as (height, width)."""
+    if not isinstance(input_size, (tuple, list)):
+        return (int(input_size), int(input_size))
+    height, width = input_size
+    return (int(height), int(width))
+
+
+def _probe_input(model: nn.Module, input_size: InputSize) -> torch.Tensor:
+    """Zeros (1, 3, H, W) on the model's device."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    return torch.zeros(1, 3, *input_hw(input_size), device=device)
+
 
 def probe_layers(
-    model: nn.Module, input_size: int, layout_for: LayoutFor | None = None
+    model: nn.Module, input_size: InputSize, layout_for: LayoutFor | None = None
 ) -> tuple[list[LayerInfo], str | None]:
     """All targetable layers in the order they finish (shallow to deep) and the default target.
 
-    ``layout_for`` gives each layer's layout (default: ``nchw`` for every layer); a layer whose
+    The probe input is zeros of ``input_size`` (a side, or (height, width)). ``layout_for`` gives each layer's layout (default: ``nchw`` for every layer); a layer whose
     output does not fit its layout is not targetable.
 
     The default target is the last listed layer with a spatial map larger than 1x1 that is not a
@@ -80,10 +99,8 @@ def probe_layers(
         for name, module in modules.items():
             if name:  # the model itself is not a layer
                 handles.append(module.register_forward_hook(make_hook(name)))
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
         with eval_mode(model), torch.inference_mode():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            model(_probe_input(model, input_size))
     finally:
         for handle in handles:
             handle.remove()
@@ -94,7 +111,7 @@ def probe_layers(
     default: str | None = None
     for name in order:
         tensor, is_pool = outputs[name]
-        maps = maps_or_problem(layout_for(name), tensor, batch=1) if calls[name] == 1 else None
+        maps = maps_or_problem(layout_for(name), tensor, 1, input_hw(input_size)) if calls[name] == 1 else None
         if not isinstance(maps, torch.Tensor):
             continue
         channels, height, width = (int(size) for size in maps.shape[1:])
@@ -105,7 +122,7 @@ def probe_layers(
     return layers, default
 
 
-def why_not_targetable(model: nn.Module, name: str, input_size: int, layout: LayerLayout = NCHW) -> str:
+def why_not_targetable(model: nn.Module, name: str, input_size: InputSize, layout: LayerLayout = NCHW) -> str:
     """Why the module called ``name`` is not targetable, from one probe pass of its own:
     it does not run, runs more than once, or returns something that ``layout`` does not turn
     into (N, C, h, w) maps (said with the shape it returned, and how to pass a layout)."""
@@ -113,17 +130,15 @@ def why_not_targetable(model: nn.Module, name: str, input_size: int, layout: Lay
     outputs: list[object] = []
     handle = module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
     try:
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
         with eval_mode(model), torch.inference_mode():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            model(_probe_input(model, input_size))
     finally:
         handle.remove()
     if not outputs:
         return "it does not run in a forward pass"
     if len(outputs) > 1:
         return f"it runs more than once per forward pass ({len(outputs)} times), so its activation is ambiguous"
-    problem = maps_or_problem(layout, outputs[0], batch=1)
+    problem = maps_or_problem(layout, outputs[0], 1, input_hw(input_size))
     if isinstance(problem, torch.Tensor):
         return "its output fits its layout in a probe pass of its own (is its output shared with another layer?)"
     return f"it {problem}; {hint(layout)}"

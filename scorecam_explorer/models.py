@@ -2,8 +2,24 @@
 
 A :class:`LoadedModel` bundles what Score-CAM needs besides the network itself: the
 preprocessing that turns a picture into the model's input, the class names, the layers that
-can be targeted, a default target layer and a fingerprint of the weights (recorded in every
+can be targeted, a default target layer, each layer's layout (how its output becomes channel
+maps, :mod:`scorecam_explorer.layouts`) and a fingerprint of the weights (recorded in every
 cache so that a cache is never reused with other weights).
+
+Model families that need layouts are recognised by type (:func:`model_family`), whether
+loaded by name or passed as plain modules:
+
+* torchvision's ``VisionTransformer`` (``vit_b_16``, ...): every layer of its ``encoder``
+  outputs tokens (N, 1 + h*w, D), read with the token layout (the class token dropped, the
+  grid the input's size over the patch size); default layer: the last encoder block's first
+  LayerNorm, ``encoder.layers.encoder_layer_11.ln_1`` for vit_b_16 (pytorch-grad-cam's
+  ``model.blocks[-1].norm1``: the final LayerNorm's patch tokens do not reach the class token).
+* torchvision's ``SwinTransformer`` (v1 and v2, ``swin_t``, ``swin_v2_t``, ...): its stages
+  (``features.*``) and final ``norm`` output channels-last (N, H, W, C), read as ``nhwc``
+  (the patch-embedding convolution ``features.0.0`` stays ``nchw``); default layer: the last
+  block's first LayerNorm, ``features.7.1.norm1`` for swin_t, as pytorch-grad-cam's Swin
+  example takes ``model.layers[-1].blocks[-1].norm1`` (``norm``, the map the classifier
+  pools, is the other usual choice).
 """
 
 from __future__ import annotations
@@ -11,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
@@ -23,6 +39,7 @@ from torch import nn
 from scorecam_explorer import default_model
 from scorecam_explorer.capture import check_layer_names, eval_mode
 from scorecam_explorer.errors import (
+    ScorecamError,
     UnknownLayerError,
     UnknownModelError,
     WeightsUnavailableError,
@@ -30,7 +47,7 @@ from scorecam_explorer.errors import (
     did_you_mean,
 )
 from scorecam_explorer.layers import LayerInfo, probe_layers, why_not_targetable
-from scorecam_explorer.layouts import NCHW, LayerLayout, LayoutSpec, layout_from
+from scorecam_explorer.layouts import NCHW, NHWC, LayerLayout, LayoutSpec, TokenLayout, layout_from
 from scorecam_explorer.preprocessing import Preprocessing
 
 DEFAULT_MODEL = default_model.NAME
@@ -57,14 +74,26 @@ class LoadedModel:
     weights: str = "unknown"
     layouts: Mapping[str, LayerLayout] = field(default_factory=dict)
     default_layout: LayerLayout = NCHW
+    probe_size: tuple[int, int] | None = None
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
 
     def layout_for(self, layer: str) -> LayerLayout:
         """The layout that turns ``layer``'s output into channel maps (default: ``nchw``)."""
         return self.layouts.get(layer, self.default_layout)
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The input size (height, width) the layers are probed at: ``probe_size`` when set (a
+        plain module wrapped for an input of that size), else the preprocessing's square."""
+        if self.probe_size is not None:
+            return (int(self.probe_size[0]), int(self.probe_size[1]))
+        return (self.preprocessing.input_size, self.preprocessing.input_size)
+
     def _probe(self) -> tuple[list[LayerInfo], str | None]:
-        return probe_layers(self.module, self.preprocessing.input_size, self.layout_for)
+        layers, default = probe_layers(self.module, self.input_hw, self.layout_for)
+        if self.default_layer_hint:  # the default layer is listed, also when a block's internal
+            layers = [replace(info, listed=True) if info.name == self.default_layer_hint else info for info in layers]
+        return layers, default
 
     @cached_property
     def _probed(self) -> tuple[list[LayerInfo], str | None]:
@@ -88,7 +117,8 @@ class LoadedModel:
         if default is None:
             raise UnknownLayerError(
                 f"model {self.name} has no layer with a 4-D (N, C, H, W) output to target; for layers "
-                f"that output another layout, pass layout= to from_module (see scorecam_explorer.layouts)"
+                f"that output another layout (tokens (N, T, D), channels-last), pass reshape=fn or "
+                f'layout="tokens" / "nhwc" to from_module (see scorecam_explorer.layouts)'
             )
         return default
 
@@ -101,7 +131,7 @@ class LoadedModel:
         listed = self.layer_names()
         modules = dict(self.module.named_modules())
         if name in modules:
-            reason = why_not_targetable(self.module, name, self.preprocessing.input_size, self.layout_for(name))
+            reason = why_not_targetable(self.module, name, self.input_hw, self.layout_for(name))
             raise UnknownLayerError(f"layer {name!r} of {self.name} cannot be targeted: {reason}.{did_you_mean(name, every)}")
         close = closest_names(name, every, limit=5)
         hint = f" Closest: {', '.join(close)}." if close else ""
@@ -205,6 +235,7 @@ def load_architecture(name: str = DEFAULT_MODEL, weights: Weights = "DEFAULT") -
         preprocessing=_preprocessing_from_weights(chosen),  # metadata only: ships with torchvision
         class_names=list(weights_enum.DEFAULT.meta["categories"]),
         weights="random (architecture only)",
+        **_family_fields(module),
     )
 
 
@@ -291,7 +322,12 @@ def _load_torchvision(name: str, weights: Weights) -> LoadedModel:
             raise WeightsUnavailableError(f"could not load weights file {path} into {name}: {error}") from None
         label = f"file {path.name}"
     return LoadedModel(
-        name=name, module=module.eval(), preprocessing=preprocessing, class_names=class_names, weights=label
+        name=name,
+        module=module.eval(),
+        preprocessing=preprocessing,
+        class_names=class_names,
+        weights=label,
+        **_family_fields(module),
     )
 
 
@@ -325,6 +361,69 @@ def _preprocessing_from_weights(weights: Any) -> Preprocessing:
     )
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a recognised architecture needs: its layers' layouts, its default layer, and the
+    input size it is built for (None: any)."""
+
+    name: str
+    layouts: Mapping[str, LayerLayout]
+    default_layer: str | None
+    input_size: int | None = None
+
+
+def model_family(module: nn.Module) -> ModelFamily | None:
+    """The family of ``module`` when it is one the package knows by type (see the module
+    docstring: torchvision's ``VisionTransformer`` and ``SwinTransformer``), else None."""
+    try:
+        from torchvision.models.swin_transformer import SwinTransformer
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    if isinstance(module, VisionTransformer):
+        return _vision_transformer(module)
+    if isinstance(module, SwinTransformer):
+        return _swin_transformer(module)
+    return None
+
+
+def _vision_transformer(module: nn.Module) -> ModelFamily:
+    """torchvision ViT: the encoder's tokens (1 class token, then the patch grid)."""
+    patch = int(module.patch_size)  # type: ignore[arg-type]
+    tokens = TokenLayout(prefix=1, patch=(patch, patch))
+    layouts = {name: tokens for name, _ in module.named_modules() if name == "encoder" or name.startswith("encoder.")}
+    blocks = [name for name, _ in module.encoder.layers.named_children()]  # type: ignore[union-attr]
+    default = f"encoder.layers.{blocks[-1]}.ln_1" if blocks else None
+    return ModelFamily("vision transformer", layouts, default, int(module.image_size))  # type: ignore[arg-type]
+
+
+def _swin_transformer(module: nn.Module) -> ModelFamily:
+    """torchvision Swin (v1, v2): channels-last stages and final norm."""
+    layouts: dict[str, LayerLayout] = {}
+    for name, sub in module.named_modules():
+        inside = name.split(".", 1)[0] in ("features", "norm")
+        # the patch embedding's convolution is channels-first; the attention's internals
+        # (its relative-position MLP) are not maps of the image
+        if inside and not isinstance(sub, nn.Conv2d) and ".attn." not in name:
+            layouts[name] = NHWC
+    from torchvision.models.swin_transformer import SwinTransformerBlock
+
+    default = None
+    for stage_name, stage in module.features.named_children():  # type: ignore[union-attr]
+        blocks = list(stage.named_children()) if isinstance(stage, nn.Sequential) else []
+        if blocks and isinstance(blocks[-1][1], SwinTransformerBlock):
+            default = f"features.{stage_name}.{blocks[-1][0]}.norm1"
+    return ModelFamily("swin transformer", layouts, default)
+
+
+def _family_fields(module: nn.Module) -> dict[str, Any]:
+    """The LoadedModel fields a recognised family sets (its layouts, its default layer)."""
+    family = model_family(module)
+    if family is None:
+        return {}
+    return {"layouts": dict(family.layouts), "default_layer_hint": family.default_layer}
+
+
 def from_module(
     module: nn.Module,
     *,
@@ -332,57 +431,132 @@ def from_module(
     preprocessing: Preprocessing | None = None,
     class_names: Sequence[str] | None = None,
     default_layer: str | None = None,
-    input_size: int = 224,
+    input_size: int | tuple[int, int] | None = None,
     layout: LayoutSpec | Mapping[str, LayoutSpec] | None = None,
+    reshape: LayoutSpec | Mapping[str, LayoutSpec] | None = None,
 ) -> LoadedModel:
     """Wrap your own classifier. Without ``preprocessing``: ImageNet mean/std at ``input_size``.
+
+    ``input_size``: the input side the layers are probed at (and pictures cropped to), or a
+    pair (height, width) for a model that takes non-square inputs (pictures are then cropped
+    to a square of the height). None: the size the module is built for (a torchvision ViT's
+    ``image_size``), else 224.
 
     Without ``class_names`` they are ``class 0``, ``class 1``, ... (counted from one probe pass).
     ``module`` is not changed: its train/eval flags stay as they are.
 
-    ``layout`` says how layers' outputs become channel maps (N, C, h, w)
+    ``layout`` (or ``reshape``, the same option under pytorch-grad-cam's name; give one of
+    them) says how layers' outputs become channel maps (N, C, h, w)
     (:mod:`scorecam_explorer.layouts`): None or ``"nchw"`` (convolutional outputs, the
-    default), ``"nhwc"`` (channels-last outputs (N, H, W, C)), a function
-    ``fn(output) -> (N, C, h, w)`` or a LayerLayout, for every layer; or a mapping
-    ``{layer name: one of those}`` for those layers only (the others stay ``nchw``).
+    default), ``"nhwc"`` (channels-last outputs (N, H, W, C)), ``"tokens"`` (a transformer's
+    tokens (N, T, D) on the patch grid, its patch size read from the module's ``patch_size``
+    or its patch-embedding convolution), a function ``fn(output) -> (N, C, h, w)`` (as
+    pytorch-grad-cam's ``reshape_transform``) or a LayerLayout, for every layer; or a mapping
+    ``{layer name: one of those}`` for those layers only. torchvision's ViT and Swin get their
+    layouts without asking (:func:`model_family`); a mapping changes the layers it names, one
+    layout for every layer replaces them.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    layouts, default_layout = _layouts(module, layout)
-    preprocessing = preprocessing or Preprocessing(resize=int(round(input_size * 256 / 224)), crop=input_size)
-    if class_names is None:
-        parameter = next(module.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        with eval_mode(module), torch.inference_mode():
-            output = module(torch.zeros(1, 3, preprocessing.input_size, preprocessing.input_size, device=device))
-        class_names = [f"class {index}" for index in range(output.shape[-1])]
+    if layout is not None and reshape is not None:
+        raise ScorecamError("give the layers' layout once: layout= or reshape= (the same option), not both.")
+    family = model_family(module)
+    layouts, default_layout = _layouts(module, reshape if reshape is not None else layout, family)
+    if input_size is None:
+        input_size = family.input_size if family is not None and family.input_size else 224
+    probe_size = None
+    if isinstance(input_size, (tuple, list)):
+        height, width = (int(side) for side in input_size)
+        probe_size, input_size = (height, width), height
+    preprocessing = preprocessing or Preprocessing(resize=int(round(input_size * 256 / 224)), crop=int(input_size))
     loaded = LoadedModel(
         name=name or type(module).__name__,
         module=module,
         preprocessing=preprocessing,
-        class_names=list(class_names),
-        default_layer_hint=None,
+        class_names=[],
+        default_layer_hint=family.default_layer if family is not None else None,
         weights="user",
         layouts=layouts,
         default_layout=default_layout,
+        probe_size=probe_size,
     )
+    if class_names is None:
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        with eval_mode(module), torch.inference_mode():
+            output = module(torch.zeros(1, 3, *loaded.input_hw, device=device))
+        class_names = [f"class {index}" for index in range(output.shape[-1])]
+    loaded.class_names = list(class_names)
     if default_layer is not None:
         loaded.default_layer_hint = loaded.check_layer(default_layer)
     return loaded
 
 
 def _layouts(
-    module: nn.Module, layout: LayoutSpec | Mapping[str, LayoutSpec] | None
+    module: nn.Module, layout: LayoutSpec | Mapping[str, LayoutSpec] | None, family: ModelFamily | None = None
 ) -> tuple[dict[str, LayerLayout], LayerLayout]:
     """``from_module``'s ``layout`` as (per-layer layouts, the layout of every other layer)."""
+    known = dict(family.layouts) if family is not None else {}
     if layout is None:
-        return {}, NCHW
+        return known, NCHW
     if isinstance(layout, Mapping):
         specs = {str(name): spec for name, spec in layout.items()}
-        return {name: layout_from(specs[name]) for name in check_layer_names(module, list(specs))}, NCHW
-    return {}, layout_from(layout)
+        named = {name: _for_module(module, layout_from(specs[name])) for name in check_layer_names(module, list(specs))}
+        return {**known, **named}, NCHW
+    return {}, _for_module(module, layout_from(layout))
 
 
-def as_loaded_model(model: LoadedModel | nn.Module) -> LoadedModel:
-    """A :class:`LoadedModel` for either a LoadedModel or a plain ``nn.Module``."""
-    return model if isinstance(model, LoadedModel) else from_module(model)
+def _for_module(module: nn.Module, layout: LayerLayout) -> LayerLayout:
+    """``layout``, a bare token layout given the module's patch size (and prefix tokens) when
+    the module says them; any other layout as it is."""
+    if not isinstance(layout, TokenLayout) or layout.patch is not None or layout.grid is not None:
+        return layout
+    patch = patch_size_of(module)
+    if patch is None:
+        return layout
+    prefix = layout.prefix if layout.prefix is not None else _prefix_tokens(module)
+    return TokenLayout(prefix=prefix, patch=patch)
+
+
+def patch_size_of(module: nn.Module) -> tuple[int, int] | None:
+    """A vision transformer's patch size (rows, columns) in pixels, when the module says it: a
+    ``patch_size`` attribute (on the module or its ``patch_embed``, as torchvision's ViT and
+    timm's models have), else the stride of a patch-embedding convolution whose kernel is its
+    stride (``conv_proj``, ``patch_embed.proj``). None when it says none."""
+    for owner in (module, getattr(module, "patch_embed", None)):
+        size = getattr(owner, "patch_size", None) if owner is not None else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return (size, size)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+            return (int(size[0]), int(size[1]))
+    for name in ("conv_proj", "patch_embed.proj", "patch_embed"):
+        try:
+            conv = module.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size):
+            return (int(conv.stride[0]), int(conv.stride[1]))
+    return None
+
+
+def _prefix_tokens(module: nn.Module) -> int | None:
+    """The tokens before the patch tokens, when the module says (timm's ``num_prefix_tokens``;
+    a torchvision-style ``class_token``: 1); None: the layout counts them as T - h*w."""
+    count = getattr(module, "num_prefix_tokens", None)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    return 1 if isinstance(getattr(module, "class_token", None), torch.Tensor) else None
+
+
+def as_loaded_model(model: LoadedModel | nn.Module, inputs: object = None, **options: Any) -> LoadedModel:
+    """A :class:`LoadedModel` for either a LoadedModel (as it is) or a plain ``nn.Module``.
+
+    A plain module is wrapped by :func:`from_module` (``options`` go to it) and probed at the
+    size of ``inputs`` when they are a tensor (N, 3, H, W) or (3, H, W): the size it is given,
+    not a fixed 224 (a ViT built for 64 x 64 inputs takes no other size).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(inputs, torch.Tensor) and inputs.ndim in (3, 4) and "input_size" not in options:
+        options["input_size"] = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    return from_module(model, **options)

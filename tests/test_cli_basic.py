@@ -72,7 +72,9 @@ def test_layers_with_a_weights_name_uses_its_architecture_without_fetching_it(ca
     # these weights set the ViT's image size to 384: the architecture and the sizes follow them
     assert main(["layers", "--model", "vit_b_16", "--weights", "IMAGENET1K_SWAG_E2E_V1"]) == 0
     output = capsys.readouterr().out
-    assert "at input 384x384" in output and "* conv_proj" in output and "24x24" in output
+    assert "at input 384x384" in output and "24x24" in output
+    # the token layers are listed, the default the last block's first LayerNorm
+    assert "* encoder.layers.encoder_layer_11.ln_1 " in output and "  encoder.layers.encoder_layer_11 " in output
 
 
 @pytest.mark.parametrize("command", ["predict", "compute"])

@@ -211,7 +211,7 @@ def test_nhwc_refuses_an_output_of_another_rank() -> None:
     assert maps.shape == (1, 4, 2, 3) and maps.is_contiguous() and float(maps[0, 1, 1, 2]) == 21  # O[0, 1, 2, 1]
 
 
-@pytest.mark.parametrize("spec", [3, None, ["nhwc"], nn.Module, "nwhc", "tokens"])
+@pytest.mark.parametrize("spec", [3, None, ["nhwc"], nn.Module, "nwhc", "token"])
 def test_a_bad_layout_spec_is_a_clear_error(spec) -> None:
     with pytest.raises(ScorecamError, match="layout"):
         layout_from(spec)

@@ -90,9 +90,9 @@ def scorecam_maps(
 
     batch_size = check_batch_size(batch_size)
     batch = model_inputs(model, inputs)
-    layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
+    layer_name = resolve_layer(model, layer, tuple(batch.tensor.shape[2:]))
     cache = scorecam_cache(
-        module_of(model),
+        model if hasattr(model, "layout_for") else module_of(model),  # a LoadedModel keeps its layers' layouts
         batch.tensor,
         layer_name,
         preset=preset,

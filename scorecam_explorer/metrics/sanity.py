@@ -150,7 +150,7 @@ def _scorecam_maps(
     from scorecam_explorer.methods.scorecam import scorecam_cache
 
     cache = scorecam_cache(
-        module,
+        _with_layouts(model, module),
         inputs,
         layer,
         preset=preset,
@@ -163,6 +163,18 @@ def _scorecam_maps(
     return maps, int(cache.attrs["forward_passes"])
 
 
+def _with_layouts(model: ModelLike, module: nn.Module) -> Any:
+    """``module`` with the layer layouts ``model`` gives (a LoadedModel with its own layouts),
+    else ``module`` as it is (a plain module's family layouts follow its type)."""
+    import dataclasses
+
+    layouts, default = getattr(model, "layouts", None), getattr(model, "default_layout", None)
+    own = bool(layouts) or (default is not None and getattr(default, "name", "nchw") != "nchw")
+    if own and dataclasses.is_dataclass(model) and not isinstance(model, type):
+        return dataclasses.replace(model, module=module)
+    return module
+
+
 def module_device_is_cpu(module: nn.Module) -> bool:
     parameter = next(module.parameters(), None)
     return parameter is None or parameter.device.type == "cpu"
@@ -172,11 +184,13 @@ def _maps_for(
     method: str, module: nn.Module, inputs: torch.Tensor, image_ids: list[str], layer: str,
     targets: list[int], preset: str, batch_size: int, model: ModelLike, tune_allocator: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """The method's maps (image, y, x) and the model calls made to compute them."""
+    """The method's maps (image, y, x) and the model calls made to compute them.
+
+    A LoadedModel's layer layouts (``reshape=`` / ``layout=``) are kept for ``module``."""
     if _needs_masked_passes(method):
         return _scorecam_maps(module, inputs, image_ids, layer, targets, preset, batch_size, model, tune_allocator)
     with forward_call_counter(module) as calls:
-        maps = get_method(method).compute(module, inputs, layer, targets, batch_size=batch_size)
+        maps = get_method(method).compute(_with_layouts(model, module), inputs, layer, targets, batch_size=batch_size)
     return maps.values, calls[0]
 
 
@@ -220,7 +234,7 @@ def sanity_check(
     batch = model_inputs(model, inputs)
     original_module = module_of(model)
     with forward_call_counter(original_module) as target_calls:  # the layer probe and f(X) for the targets
-        layer_name = resolve_layer(model, layer, int(batch.tensor.shape[2]))
+        layer_name = resolve_layer(model, layer, tuple(batch.tensor.shape[2:]))
         logits = logits_of(original_module, batch.tensor, batch_size)
     targets = targets_for(model, None, target, logits)
     available = cascade_groups(original_module, depth)
