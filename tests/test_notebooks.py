@@ -12,7 +12,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 def test_there_are_notebooks() -> None:
     names = [path.stem for path in NOTEBOOKS]
-    for expected in ("01_quickstart", "02_score_cam_step_by_step", "03_per_channel_analysis", "04_conventions", "05_evaluation"):
+    for expected in ("01_quickstart", "02_score_cam_step_by_step", "03_per_channel_analysis", "04_conventions", "05_evaluation",
+                     "06_vision_transformers"):
         assert expected in names
 
 
