@@ -574,6 +574,23 @@ def test_benchmark_quick_mode_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_vision_transformer_benchmark_quick_mode_runs():
+    """benchmarks/bench_vit.py --quick (a small ViT, about half a minute) runs, names the machine,
+    and our map agrees with pytorch-grad-cam's with its reshape_transform."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vit.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "native bfloat16 on the CPU: " in result.stdout
+    agreement = re.search(r"map Pearson r vs pytorch-grad-cam \(>= 0.999\)\s+([0-9.]+)", result.stdout)
+    assert agreement is not None and float(agreement.group(1)) >= 0.999, result.stdout
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run(tmp_path):
     """benchmarks/bench_gpu.py (ResNet-50 layer4 against pytorch-grad-cam) runs anywhere with --device cpu."""
     import subprocess
