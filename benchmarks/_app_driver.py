@@ -49,16 +49,11 @@ PAGE_STATE_JS = """
 
 
 def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo) and the number of cores this process may use."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    """The CPU's model name and torch's CPU capability (as every benchmark names them), and the
+    number of cores this process may use."""
+    from scorecam_explorer.device import cpu_capability, cpu_model_name
+
+    return f"{cpu_model_name()} (torch CPU capability {cpu_capability()}), {len(os.sched_getaffinity(0))} cores"
 
 
 def load_average() -> str:

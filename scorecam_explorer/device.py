@@ -114,13 +114,9 @@ class BFloat16Support:
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` says)."""
-    return _cpu_model_name()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_model_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
