@@ -21,6 +21,7 @@ from typing import Any
 import ipywidgets as widgets
 import xarray as xr
 
+from scorecam_explorer.explorer.atlas_panel import AtlasPanel
 from scorecam_explorer.explorer.channels_panel import ChannelsPanel
 from scorecam_explorer.explorer.compare_panel import ComparePanel
 from scorecam_explorer.explorer.controls import Controls
@@ -77,7 +78,8 @@ def masks_text(convention: str) -> str:
 
 class Explorer:
     """Score-CAM, channel by channel, live: map, layer scrubber, channel inspector,
-    recomposer, compare and metrics panels over a cache.
+    recomposer, compare and metrics panels over a cache, and, for a cache of several
+    pictures, the atlas (a channel across the pictures).
 
     Args:
         cache: a cache from ``compute_cache`` or ``load_cache`` (``docs/cache.md``).
@@ -119,6 +121,7 @@ class Explorer:
         self.channels = ChannelsPanel(self.state)
         self.compare = ComparePanel(self.state, self.model)
         self.metrics = MetricsPanel(self.state, self.model)
+        self.atlas = AtlasPanel(self.state)
         self.widget = self._layout()
 
     # ---- construction -------------------------------------------------------------------
@@ -163,7 +166,7 @@ class Explorer:
 
     def _layout(self) -> widgets.VBox:
         """Title and controls, then two columns that wrap: Map and Recompose | Channels; then
-        Compare and Metrics. Wrapping is the browser's (CSS flex-wrap), so the same widgets
+        the Atlas (several pictures only); then Compare and Metrics. Wrapping is the browser's (CSS flex-wrap), so the same widgets
         fit a narrow notebook column and a wide page."""
         cache = self.state.cache
         title = widgets.HTML(
@@ -187,6 +190,18 @@ class Explorer:
             [maps, _section("Channels", "every channel's weight; click one to inspect it", self.channels.widget, COLUMN_WIDTH + 4)],
             layout=_wrapping(width="100%"),
         )
+        rows: list[widgets.Widget] = [self.plotly, title, self.controls.widget, self.columns]
+        if self.atlas.active:
+            # Its grid sits under the Map column and its charts under the Channels column on a
+            # wide page; in a notebook column they stack.
+            rows.append(
+                _section(
+                    "Atlas",
+                    f"the selected channel across the {self.state.image_count} pictures; click a thumbnail to open it",
+                    self.atlas.widget,
+                    WIDE_WIDTH,
+                )
+            )
         below = widgets.HBox(
             [
                 _section("Compare", "two maps and their difference", self.compare.widget, COLUMN_WIDTH + 4),
@@ -196,7 +211,7 @@ class Explorer:
             layout=_wrapping(width="100%"),
         )
         return widgets.VBox(
-            [self.plotly, title, self.controls.widget, self.columns, below],
+            [*rows, below],
             layout=widgets.Layout(width="100%", max_width=MAX_WIDTH, padding="4px"),
         )
 

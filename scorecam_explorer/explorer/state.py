@@ -39,6 +39,10 @@ Listener = Callable[[frozenset[str]], None]
 
 GALLERY_SIZE = 8
 """Channels shown in the gallery of contributions."""
+ATLAS_EXAMPLES = 9
+"""Pictures in the atlas's grid of a channel's top pictures."""
+ATLAS_CHANNELS = 10
+"""Channels the atlas lists for the current class."""
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,51 @@ class ExplorerState:
         if "target" in changes:
             changes["target"] = int(resolve_targets(self._cache, changes["target"], s.image)[0])
         return self.full_map(dataclasses.replace(s, **changes))
+
+    # ---- across the pictures of the set (the atlas) ------------------------------------
+
+    @property
+    def image_count(self) -> int:
+        """How many pictures the cache holds (the atlas is shown for more than one)."""
+        return int(self._cache.dataset.sizes["image"])
+
+    def atlas_examples(self, by: str = "weight", k: int = ATLAS_EXAMPLES, selection: Selection | None = None) -> xr.Dataset:
+        """``atlas.channel_examples`` for the selected layer, channel and preset: the ``k``
+        pictures where the channel weighs most for each picture's own top class
+        (``by="weight"``) or where it fires most (``by="activation"``), masks loaded."""
+        from scorecam_explorer import atlas
+
+        s = selection or self._selection
+        return self._remember(
+            ("atlas-examples", s.layer, s.channel, s.preset, by, k),
+            lambda: atlas.channel_examples(self._cache, s.layer, s.channel, by=by, k=k, preset=s.preset).load(),
+        )
+
+    def atlas_profile(self, selection: Selection | None = None) -> xr.Dataset:
+        """``atlas.channel_profile`` of the selected channel: its mean weight per class over
+        the pictures, (1/N) sum_i w_ikc, and how often it is constant."""
+        from scorecam_explorer import atlas
+
+        s = selection or self._selection
+        return self._remember(
+            ("atlas-profile", s.layer, s.channel, s.preset),
+            lambda: atlas.channel_profile(self._cache, s.layer, s.channel, preset=s.preset).load(),
+        )
+
+    def atlas_class_channels(self, k: int = ATLAS_CHANNELS, selection: Selection | None = None) -> xr.Dataset:
+        """``atlas.class_channels`` for the selected class: the ``k`` channels of the selected
+        layer with the highest mean weight over the pictures."""
+        from scorecam_explorer import atlas
+
+        s = selection or self._selection
+        return self._remember(
+            ("atlas-class", s.layer, s.target, s.preset, k),
+            lambda: atlas.class_channels(self._cache, s.layer, s.target, k, preset=s.preset).load(),
+        )
+
+    def picture_of(self, image: int) -> xr.DataArray:
+        """Picture ``image`` (an index), uint8 (y, x, rgb); only that picture is read."""
+        return self.picture(dataclasses.replace(self._selection, image=int(image)))
 
     def warm_up(self) -> None:
         """Read every layer's arrays once so that the first visit to a layer is fast.
