@@ -451,6 +451,106 @@ def test_default_app_click_inspects_the_channel(tmp_path: Path) -> None:
             watch.assert_clean("the default app")
 
 
+# ---- Voila: the atlas of a cache of several pictures --------------------------------------
+
+ATLAS_PICTURES = ["sample:chelsea", "sample:coffee", "sample:astronaut", "sample:rocket"]
+ATLAS_LAYER = "blocks.3"  # 40 channels: seconds to compute for four pictures
+ATLAS_VIEWPORT = {"width": 1400, "height": 3000}  # the wide page: the grid beside the charts
+
+
+def atlas_grid(page: Any) -> dict[str, Any] | None:
+    """The atlas's grid of thumbnails (its Plotly figure), if drawn."""
+    found = [figure for figure in figures(page) if re.match(r"Channel \d+ of .+: its top", figure["title"])]
+    return found[0] if found else None
+
+
+def grid_photos(figure: dict[str, Any]) -> list[str]:
+    return [trace["source"] for trace in figure["traces"] if trace["name"] == "photo"]
+
+
+def picture_shown(page: Any) -> str:
+    """The text of the Picture dropdown's selected option."""
+    select = page.locator(".widget-dropdown").filter(has=page.locator(".widget-label", has_text="Picture")).locator("select")
+    return select.evaluate("(node) => node.options[node.selectedIndex].text").strip()
+
+
+@pytest.mark.slow
+def test_atlas_click_channel_then_thumbnail(tmp_path: Path) -> None:
+    """A cache of four bundled photos at one cheap layer, served by the app at 1400 px: a click
+    on a bar of the channel chart redraws the atlas's thumbnails for that channel, in the order
+    of its weight on each photo (compose's weights, ranked here); a click on a thumbnail of
+    another photo switches the Picture dropdown and the map to that photo."""
+    from scorecam_explorer import compute_cache, load_cache, load_model, save_cache
+    from scorecam_explorer.compose import channel_weights, scorecam
+
+    require_chromium()
+    path = Path(save_cache(compute_cache(load_model(), ATLAS_PICTURES, [ATLAS_LAYER], progress=False),
+                           tmp_path / "four.zarr"))
+    cache = load_cache(path)
+    ids = [str(name) for name in cache["image"].values]
+    own = cache["logits"].values.argmax(axis=-1)
+    port = free_port()
+    env = dict(os.environ, SCORECAM_EXPLORER_CACHE_DIR=str(tmp_path / "cache-dir"))
+    command = [*explorer_command(), "app", "--no-browser", "--port", str(port), "--cache", str(path)]
+    watch = PageWatch()
+    with running_server(
+        command, port=port, ready_path="/voila/static/voila.js", log_path=ARTIFACTS / "voila-atlas.log", env=env
+    ) as server, chromium_browser() as browser:
+        page = browser.new_page(viewport=ATLAS_VIEWPORT)
+        watch.attach(page)
+        with screenshot_on_failure(page, "atlas-failure"):
+            page.goto(server.url("/"), timeout=PAGE_TIMEOUT * 1000)
+            wait_for_page(page, watch)
+            first = wait_until(lambda: atlas_grid(page), timeout=PAGE_TIMEOUT, page=page, what="the atlas's thumbnails")
+            assert len(grid_photos(first)) == len(ids), f"the atlas shows {len(grid_photos(first))} thumbnails"
+            screenshot(page, "atlas-01-opened")
+
+            # 1. A click on the bar of the 5th heaviest channel (on the first photo): the atlas follows.
+            order = bar_order(cache, ATLAS_LAYER, int(own[0]))
+            channel = int(order[4])
+            click_inspects(page, 5, channel, ATLAS_LAYER, "the atlas app")
+            grid = wait_until(
+                lambda: (g := atlas_grid(page)) and g["title"].startswith(f"Channel {channel} of {ATLAS_LAYER}") and g,
+                timeout=UPDATE_TIMEOUT, page=page, what=f"the atlas to show channel {channel}",
+            )
+            weights = [channel_weights(cache, ATLAS_LAYER, int(own[i]), image=i).values[channel] for i in range(len(ids))]
+            ranked = [ids[i] for i in np.lexsort((np.arange(len(ids)), -np.asarray(weights)))]
+            captions = grid["text"]
+            positions = [captions.find(name) for name in ranked]
+            assert all(p >= 0 for p in positions) and positions == sorted(positions), (
+                f"the thumbnails' captions ({captions!r}) are not in the order of the channel's weight: {ranked}"
+            )
+            screenshot(page, "atlas-02-channel")
+
+            # 2. A click on the thumbnail of a photo that is not shown: the explorer opens it.
+            rank = next(r for r, name in enumerate(ranked) if name != picture_shown(page))
+            target_image = ids.index(ranked[rank])
+            previous = map_source(page)
+            subplot = "xy" if rank == 0 else f"x{rank + 1}y{rank + 1}"
+            tile = page.locator(".js-plotly-plot").filter(
+                has=page.locator(".gtitle", has_text=f"Channel {channel} of {ATLAS_LAYER}: its top")
+            ).locator(f".draglayer .{subplot} .nsewdrag").first
+            tile.scroll_into_view_if_needed()
+            box = tile.bounding_box()
+            assert box, f"the thumbnail of rank {rank + 1} is not drawn"
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            wait_until(lambda: picture_shown(page) == ranked[rank], timeout=UPDATE_TIMEOUT, page=page,
+                       what=f"the Picture dropdown to show {ranked[rank]} (it shows {picture_shown(page)})")
+            figure = wait_for_new_map(page, previous, f"clicking the thumbnail of {ranked[rank]}", watch)
+            class_name = str(cache["class_name"].values[own[target_image]])
+            wait_until(lambda: f"“{class_name}”" in map_figure(page)["title"], timeout=UPDATE_TIMEOUT, page=page,
+                       what=f"the map's title to name {class_name!r}")
+            figure = map_figure(page)
+            assert np.array_equal(decode_png_uri(trace_named(figure, "photo")["source"]),
+                                  cache["picture"].values[target_image]), "the map is not drawn over the clicked photo"
+            expected = scorecam(cache, ATLAS_LAYER, int(own[target_image]), preset=PRESET, image=target_image)
+            assert_pixels_show_map(decode_png_uri(trace_named(figure, "map")["source"]), expected,
+                                   f"the map of {ranked[rank]}")
+            screenshot(page, "atlas-03-thumbnail")
+            watch.assert_clean("the atlas app")
+
+
 # ---- JupyterLab: the quickstart notebook ---------------------------------------------------
 
 QUICKSTART = REPO_ROOT / "notebooks" / "01_quickstart.ipynb"

@@ -149,7 +149,7 @@ class AtlasPanel(Panel):
         examples = self.state.atlas_examples(self.by.value, self.examples_count, selection)
         pictures = [self.state.picture_of(int(index)) for index in examples["image_index"].values]
         used = int(examples.attrs.get("images", self.state.image_count))
-        ranking = "its weight for each picture's own top class" if self.by.value == "weight" else "its activation peak"
+        ranking = "weight for its own class" if self.by.value == "weight" else "activation peak"
         self._examples = examples
         return atlas_grid_spec(
             examples,
@@ -158,7 +158,7 @@ class AtlasPanel(Panel):
             opacity=selection.opacity,
             current_image=selection.image,
             title=f"Channel {selection.channel} of {selection.layer}: its top {examples.sizes['rank']} pictures",
-            subtitle=f"of {used}, ranked by {ranking} · click one to open it",
+            subtitle=f"of {used}, by {ranking} · click one to open it",
         )
 
     def _profile_spec(self, selection: Selection) -> dict:
@@ -168,9 +168,9 @@ class AtlasPanel(Panel):
         own = float(profile["own_weight_mean"].values) if "own_weight_mean" in profile else float("nan")
         parts = [f"mean over {used} pictures"]
         if own == own:
-            parts.append(f"{own:.3g} for each picture's own class".replace("-", "−"))
+            parts.append(f"{own:.3g} for their own class".replace("-", "−"))
         if constant == constant:
-            parts.append(f"flat on {constant:.0%}")
+            parts.append(f"flat on {constant:.0%} of them")
         return class_profile_spec(
             profile,
             current_class=selection.target,
@@ -204,7 +204,8 @@ class AtlasPanel(Panel):
             self.channel.max = self.state.channel_count(selection.layer) - 1
             self.channel.value = selection.channel
         self.intro.value = intro_html(selection.layer, selection.channel, self.state.image_count)
-        assert self.grid is not None and self.profile is not None and self.class_channels is not None
+        if self.grid is None or self.profile is None or self.class_channels is None:
+            return
         everything = changed & {"cache", "layer", "preset"}
         if everything or changed & {"channel", "by", "image", "colormap", "opacity"}:
             self.grid.show(self._grid_spec(selection))

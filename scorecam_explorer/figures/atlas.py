@@ -116,8 +116,9 @@ def hit_trace(shape: tuple[int, int], text: str, axis: int) -> dict[str, Any]:
         "y": np.round(ys.ravel(), 3).tolist(),
         "mode": "markers",
         "marker": {"size": 10, "color": "rgba(0,0,0,0)"},
-        "text": text,
-        "hovertemplate": "%{text}<extra></extra>",
+        # The text itself, not %{text}: a single text for every point is not found by the
+        # hover template (plotly.js warns and shows "-").
+        "hovertemplate": text + "<extra></extra>",
         "name": "thumbnail",
         "showlegend": False,
         "xaxis": f"x{suffix}",
