@@ -2,7 +2,7 @@
 
 The child process sets ``sys.modules["torch"] = None`` (so any ``import torch`` raises)
 before importing the package, loads a cache written by ``save_cache``, recomposes maps with
-every preset and writes a PNG with the ``map`` command's code; the parent checks the maps
+every preset, asks the channel atlas its three questions and writes a PNG with the ``map`` command's code; the parent checks the maps
 against the same calls made here.
 """
 
@@ -45,6 +45,9 @@ CHILD = textwrap.dedent(
         ].values
     top = scorecam_explorer.top_channels_by_variance(cache, "block", 3)
     results["faster"] = scorecam_explorer.scorecam(cache, "block", 0, channels=top, top_k=2).values
+    results["atlas-examples"] = scorecam_explorer.channel_examples(cache, "block", 2, k=2)["mask"].values
+    results["atlas-profile"] = scorecam_explorer.channel_profile(cache, "block", 2)["weight_mean"].values
+    results["atlas-channels"] = scorecam_explorer.class_channels(cache, "block", "cup", k=3)["channel"].values
     np.savez(results_path, **results)
 
     parser = argparse.ArgumentParser()
@@ -108,3 +111,8 @@ def test_compose_runs_without_torch(saved_cache, tmp_path):
         np.testing.assert_array_equal(results[f"{preset}-share"], shares.values)
     top = compose.top_channels_by_variance(cache, "block", 3)
     np.testing.assert_array_equal(results["faster"], compose.scorecam(cache, "block", 0, channels=top, top_k=2).values)
+    from scorecam_explorer import atlas
+
+    np.testing.assert_array_equal(results["atlas-examples"], atlas.channel_examples(cache, "block", 2, k=2)["mask"].values)
+    np.testing.assert_array_equal(results["atlas-profile"], atlas.channel_profile(cache, "block", 2)["weight_mean"].values)
+    np.testing.assert_array_equal(results["atlas-channels"], atlas.class_channels(cache, "block", "cup", k=3)["channel"].values)
