@@ -62,9 +62,8 @@ def pending_text(pending: int) -> str:
 
 
 def example_class(examples: xr.Dataset, rank: int) -> int:
-    """The class the value of example ``rank`` was computed for."""
-    name = "target_class" if "target_class" in examples.data_vars else "target"
-    return int(examples[name].values[rank])
+    """The class the value of example ``rank`` was computed for (its picture's own top class)."""
+    return int(examples["target_class"].values[rank])
 
 
 class AtlasPanel(Panel):
