@@ -43,8 +43,8 @@ def intro_html(layer: str, channel: int, images: int) -> str:
     text = (
         f"Channel {channel} of {layer} across the {images} pictures of this set. "
         "Its <b>weight</b> on a picture is the bar height in the channel chart: how much the "
-        "class's probability rises when the model sees the picture only through this channel's "
-        "mask (coloured over each thumbnail; red where the channel fires most). "
+        "model's score for the class rises, compared with the other channels, when it sees the picture "
+        "only through this channel's mask (coloured over each thumbnail; red where the channel fires most). "
         "<b>By weight</b> ranks the pictures by that weight for each picture's own top class; "
         "<b>by activation</b> by the highest value of the channel's feature map on the picture. "
         "Click a thumbnail to open that picture. "
