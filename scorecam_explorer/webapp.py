@@ -509,7 +509,7 @@ class StoreRows:
         if self.pending:
             text += (
                 f"; {self.pending} pending (still being written, or its run was interrupted: rerun compute-dataset "
-                "to finish them); reload the page later to see those completed since"
+                "to finish them); a page opened later shows those completed by then"
             )
         return text
 
