@@ -92,3 +92,30 @@ def test_readme_command_lines_show_the_app_and_map_options() -> None:
                    "--port", "--no-browser"):
         assert option in app, option
     assert "port 8866 by default" in readme
+
+
+def test_every_bundled_sample_is_package_data_attributed_and_small() -> None:
+    import fnmatch
+
+    from PIL import Image
+
+    from scorecam_explorer.images import sample_names
+
+    folder = ROOT / "scorecam_explorer" / "samples"
+    patterns = _pyproject()["tool"]["setuptools"]["package-data"]["scorecam_explorer"]
+    files = sorted(p for p in folder.iterdir() if p.name != "__pycache__")
+    unpackaged = [p.name for p in files if not any(fnmatch.fnmatch(f"samples/{p.name}", pattern) for pattern in patterns)]
+    assert not unpackaged, f"not in package-data: {unpackaged}"
+    names = sample_names()
+    assert len(names) >= 12  # the offline demo set
+    assert names == sorted(p.stem for p in files if p.suffix == ".jpg")
+    attribution = (folder / "ATTRIBUTION.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \|[^|]+\|[^|]+\| ([^|]+) \|$", attribution, flags=re.M)
+    assert sorted(name for name, _ in rows) == sorted(f"{name}.jpg" for name in names)
+    assert all(re.search(r"CC0|public domain", licence) for _, licence in rows)
+    for name in names:
+        with Image.open(folder / f"{name}.jpg") as picture:
+            assert picture.format == "JPEG" and picture.mode == "RGB", name
+            assert max(picture.size) <= 640, name
+    total = sum(p.stat().st_size for p in files)
+    assert total < 1_000_000, f"the samples take {total} bytes; keep the package small"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from scorecam_explorer.conventions import MASK_CONVENTIONS
-from scorecam_explorer.serving.options import DEFAULT_CULL_AFTER, DEFAULT_MAX_SESSIONS, DEFAULT_POOL, LOCALHOST
+from scorecam_explorer.serving.options import DEFAULT_CULL_AFTER, DEFAULT_MAX_SESSIONS, DEFAULT_POOL, LOCALHOST, ServeOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="DEFAULT (pretrained), a torchvision weights name, a local .pth state dict, or 'none' for random weights",
     )
-    parser.add_argument("--image", default=None, help="an image file or sample:NAME (default: sample:chelsea)")
-    parser.add_argument("--layer", nargs="+", default=None, metavar="NAME", help="layers to cache (default: a few blocks and the default layer)")
+    pictures = parser.add_mutually_exclusive_group()
+    pictures.add_argument("--image", default=None, help="an image file or sample:NAME (default: sample:chelsea)")
+    pictures.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR|samples",
+        help="a folder of pictures (its image files, sorted by name) or 'samples' (the bundled photos): one cache "
+        "of them all, with a Picture chooser (default layer: the model's default layer only, one forward pass per "
+        "channel and picture)",
+    )
+    pictures.add_argument(
+        "--dataset",
+        default=None,
+        metavar="STORE.zarr",
+        help="serve a dataset store (made by compute-dataset) as it is, opened lazily: only its complete images, "
+        "each read when shown; no model is loaded",
+    )
+    parser.add_argument(
+        "--layer", nargs="+", default=None, metavar="NAME",
+        help="layers to cache (default: a few blocks and the default layer; with --images the default layer only)",
+    )
     parser.add_argument(
         "--convention", default=None, choices=list(MASK_CONVENTIONS), help="mask convention of the cache (default: paper)"
     )
@@ -78,6 +97,19 @@ def run(args: argparse.Namespace) -> int:
     from scorecam_explorer.errors import ScorecamError
     from scorecam_explorer.serving.options import ServeOptions
 
+    if args.dataset is not None:
+        given = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--layer", args.layer),
+                                          ("--convention", args.convention), ("--cache", args.cache)) if value is not None]
+        given += ["--recompute"] if args.recompute else []
+        if given:
+            raise ScorecamError(
+                f"--dataset serves a dataset store as it is; {', '.join(given)} cannot be used with it "
+                "(compute-dataset chose the model, layers and convention)."
+            )
+    if args.images is not None:
+        webapp.picture_set(args.images)  # a missing or empty folder fails before the server starts
+    if args.dataset is not None:
+        webapp.check_dataset_store(args.dataset)  # so does a path that is not a dataset store
     webapp.require_voila()  # say how to install the app before computing anything
     host = args.host
     port = args.port
@@ -100,8 +132,14 @@ def run(args: argparse.Namespace) -> int:
         from scorecam_explorer.default_model import NAME
 
         model_name = NAME
+    if args.dataset is not None:
+        return _serve_dataset(args, options)
+    images = args.images
+    if images is not None and images != webapp.SAMPLES:
+        images = str(Path(images).expanduser().resolve())  # the same folder from anywhere
     key = webapp.recent_key(
-        model=model_name, weights=args.weights, image=args.image, layers=args.layer, convention=args.convention, cache=args.cache
+        model=model_name, weights=args.weights, image=args.image, layers=args.layer, convention=args.convention, cache=args.cache,
+        **({"images": images} if images is not None else {}),  # keys of single-picture runs stay as they were
     )
     with webapp.app_server(options, open_browser=not args.no_browser) as server:
         if not args.recompute:
@@ -112,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 model_name=model_name,
                 weights="DEFAULT" if args.weights is None else weights,
                 image=args.image,
+                images=images,
                 layers=args.layer,
                 cache_path=args.cache,
                 convention=args.convention,
@@ -124,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         verb = {
             "computed": f"computed in {prepared.seconds:.0f} s and saved",
             "extended": f"extended in {prepared.seconds:.0f} s and saved",
-            "reused": "reused (weights, convention and picture match)",
+            "reused": f"reused (weights, convention and {'pictures' if images else 'picture'} match)",
             "opened": "opened as it is",
         }[prepared.status]
         print(f"cache: {prepared.path} ({verb}); layers: {', '.join(prepared.layers)}")
@@ -134,4 +173,22 @@ def run(args: argparse.Namespace) -> int:
             model_name=prepared.model_name if explicit_model or prepared.status != "opened" else None,
             weights="DEFAULT" if args.weights is None else weights,
         )
+        return server.wait()
+
+
+def _serve_dataset(args: argparse.Namespace, options: ServeOptions) -> int:
+    """Serve the dataset store ``args.dataset`` lazily (checked first; no model)."""
+    from scorecam_explorer import webapp
+    from scorecam_explorer.errors import ScorecamError
+
+    store = Path(args.dataset).expanduser()
+    with webapp.app_server(options, open_browser=not args.no_browser) as server:
+        server.expect(store, model_name=None, weights="none")
+        try:
+            prepared = webapp.prepare_dataset(store, report=server.report)
+        except ScorecamError as error:
+            server.fail(str(error))
+            raise
+        print(f"serving {prepared.path.resolve()} lazily; layers: {', '.join(prepared.layers)}")
+        server.ready(prepared, model_name=None, weights="none")
         return server.wait()

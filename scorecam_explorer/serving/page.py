@@ -89,7 +89,7 @@ class AppPage:
         except Exception as error:  # noqa: BLE001
             self._refused(error)
             return
-        self.widget.children = (self.explorer.widget,)
+        self.widget.children = shown(self.explorer)
 
     async def open_async(self, cache: str, model: str, weights: str, snapshot: str = "") -> None:
         """Show the explorer of ``cache`` (the one opened in advance if it is the same,
@@ -106,7 +106,7 @@ class AppPage:
         except Exception as error:  # noqa: BLE001
             self._refused(error)
             return
-        self.widget.children = (self.explorer.widget,)
+        self.widget.children = shown(self.explorer)
 
     def _refused(self, error: Exception) -> None:
         """Say why the explorer cannot be shown (the kernel log keeps the traceback)."""
@@ -172,17 +172,18 @@ class ModelSpec:
 
 
 def build_explorer(cache: str, spec: ModelSpec) -> Any:
-    """The explorer of the cache at ``cache``; the model (``spec``) is loaded only on request."""
-    from scorecam_explorer.webapp import open_existing
+    """The explorer of the cache (or dataset store, opened lazily) at ``cache``; the model
+    (``spec``) is loaded only on request."""
+    from scorecam_explorer.webapp import open_for_app
 
-    return explorer_of(open_existing(Path(cache)), spec)
+    return explorer_of(*open_for_app(Path(cache)), spec=spec)
 
 
 async def build_explorer_async(cache: str, spec: ModelSpec) -> Any:
     """:func:`build_explorer`, reading the cache in a thread so that the page keeps updating."""
-    from scorecam_explorer.webapp import open_existing
+    from scorecam_explorer.webapp import open_for_app
 
-    return explorer_of(await asyncio.to_thread(open_existing, Path(cache)), spec)
+    return explorer_of(*await asyncio.to_thread(open_for_app, Path(cache)), spec=spec)
 
 
 def explorer_of_snapshot(path: Path, spec: ModelSpec) -> Any:
@@ -194,17 +195,32 @@ def explorer_of_snapshot(path: Path, spec: ModelSpec) -> Any:
             data = pickle.load(stream)  # written by this app's command, in its private folder
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
         return None
-    return explorer_of(data, spec)
+    return explorer_of(data, spec=spec)
 
 
-def explorer_of(data: Any, spec: ModelSpec) -> Any:
-    """The explorer of a loaded cache (widgets are made here, in the kernel's own thread)."""
+def explorer_of(data: Any, note: str = "", *, spec: ModelSpec) -> Any:
+    """The explorer of a loaded cache, or of a lazily opened dataset store (widgets are made
+    here, in the kernel's own thread); ``note`` is shown above it.
+
+    A dataset store gets no model: adding a layer would read every image's input, and the
+    panels need none (Grad-CAM in Compare and Metrics' deletion / insertion then say so).
+    """
     from scorecam_explorer.explorer import Explorer
 
     spec.cached = str(data.attrs.get("model_name", ""))
-    explorer = Explorer(data, model=spec.load if spec.resolved else None)
+    dataset = bool(data.attrs.get("dataset_store"))
+    explorer = Explorer(data, model=spec.load if spec.resolved and not dataset else None)
     explorer.model_spec = spec
+    explorer.app_note = note
     return explorer
+
+
+def shown(explorer: Any) -> tuple[widgets.Widget, ...]:
+    """The page's children for ``explorer``: its note (if any) above it."""
+    note = getattr(explorer, "app_note", "")
+    if not note:
+        return (explorer.widget,)
+    return (widgets.HTML(message_html(note[0].upper() + note[1:])), explorer.widget)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
