@@ -954,3 +954,10 @@ def test_the_recompose_summary_says_r_is_undefined_for_a_constant_map() -> None:
 
     assert "undefined (constant map)" in summary_html(3, 10, 0, float("nan"))
     assert "<b>0.875</b>" in summary_html(3, 10, 0, 0.875)
+
+
+def test_the_title_names_a_few_pictures_not_a_thousand() -> None:
+    from scorecam_explorer.explorer.app import pictures_text
+
+    assert pictures_text(["cat", "coffee"]) == "cat, coffee"
+    assert pictures_text([f"p{i}" for i in range(1000)]) == "1000 pictures (p0, p1, p2, ...)"

@@ -70,6 +70,15 @@ def _wrapping(**options: str) -> widgets.Layout:
     return widgets.Layout(flex_flow="row wrap", align_items="flex-start", grid_gap=f"0 {GAP}px", **options)
 
 
+def pictures_text(image_ids: Sequence[str], shown: int = 3) -> str:
+    """The cached pictures in a few words: their ids up to ``shown`` of them, else the first
+    ``shown`` and how many more (a store of a thousand pictures must not fill the page)."""
+    ids = list(image_ids)
+    if len(ids) <= shown:
+        return ", ".join(ids)
+    return f"{len(ids)} pictures ({', '.join(ids[:shown])}, ...)"
+
+
 def masks_text(convention: str) -> str:
     """The cache's mask convention in words: the preset below reweighs those masks, it does
     not rebuild them."""
@@ -172,7 +181,7 @@ class Explorer:
         title = widgets.HTML(
             "<div style='font-size:19px;font-weight:600'>Score-CAM explorer</div>"
             f"<div style='font-size:12px;color:#666;line-height:1.5'>{html.escape(str(cache.attrs.get('model_name', 'model')))} · "
-            f"{html.escape(', '.join(self.state.image_ids))} · "
+            f"{html.escape(pictures_text(self.state.image_ids))} · "
             f"{html.escape(self.state.family)} · "
             f"{html.escape(masks_text(self._convention_name()))} · every map below is recomposed from the cache, "
             "with no forward pass</div>"
