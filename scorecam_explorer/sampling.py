@@ -602,6 +602,19 @@ def family_name(fields: Mapping[str, Any]) -> str:
     return (MASK_SAMPLERS[builtin].family or builtin) if builtin else name
 
 
+def seeded_noise_records(fields: Mapping[str, Any], layers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``noise`` attribute each layer of a ``compute_cache`` call over ``layers`` (model
+    order) gets from the seeded sampler ``fields`` describe (an SS-CAM with a ``seed``),
+    known before the call: ``{"generator": "seeded", "seed": s, "after": [the layers before]}``.
+    ``{}`` for a sampler that records no noise or draws from the global generator."""
+    if _builtin_name(str(fields.get("name", ""))) != "ss-cam" or fields.get("seed") is None:
+        return {}
+    return {
+        str(layer): {"generator": "seeded", "seed": int(fields["seed"]), "after": [str(name) for name in layers[:index]]}
+        for index, layer in enumerate(layers)
+    }
+
+
 def cost_text(sampler: MaskSampler, channels: int) -> str:
     """What a computation will forward, said before it starts: ``channels`` is images x
     channels of every layer. ``"SS-CAM, 35 samples, σ = 2: 44,800 masked inputs"``; "at most"
