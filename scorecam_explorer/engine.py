@@ -402,11 +402,8 @@ def _probe_counter(model: LoadedModel | nn.Module) -> AbstractContextManager[lis
 
 def _as_loaded(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None, inputs: object) -> LoadedModel:
     """The LoadedModel, or a plain module wrapped and probed at the size of the input tensor
-    it is given (pictures: the preprocessing's size); a LoadedModel that wrapped a plain
-    module without a size is probed at the input tensor's size too (``at_input``)."""
+    it is given (pictures: the preprocessing's size)."""
     if isinstance(model, LoadedModel):
-        if isinstance(inputs, torch.Tensor) and inputs.ndim in (3, 4):  # a plain module's, probed at this size
-            return model.at_input((int(inputs.shape[-2]), int(inputs.shape[-1])))
         return model
     if isinstance(model, nn.Module):
         return as_loaded_model(model, inputs, preprocessing=preprocessing)

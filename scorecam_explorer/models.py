@@ -77,6 +77,7 @@ class LoadedModel:
     probe_size: tuple[int, int] | None = None
     size_from_input: bool = False
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
+    _sized: dict[tuple[int, int], LoadedModel] = field(default_factory=dict, repr=False, compare=False)
 
     def layout_for(self, layer: str) -> LayerLayout:
         """The layout that turns ``layer``'s output into channel maps (default: ``nchw``)."""
@@ -94,11 +95,14 @@ class LoadedModel:
         """This model with its layers probed at an input of ``size`` (height, width), when its
         probe size follows the input it is given (``size_from_input``: a plain module wrapped
         without an ``input_size``); else, or when the size is already that, the model itself.
-        The copy shares the module, preprocessing and class names."""
+        The copy shares the module, preprocessing and class names, and is kept (one probe per
+        size)."""
         hw = (int(size[0]), int(size[1]))
         if not self.size_from_input or hw == self.input_hw:
             return self
-        return replace(self, probe_size=hw, _layers=None)
+        if hw not in self._sized:
+            self._sized[hw] = replace(self, probe_size=hw, _layers=None, _sized={})
+        return self._sized[hw]
 
     def _probe(self) -> tuple[list[LayerInfo], str | None]:
         layers, default = probe_layers(self.module, self.input_hw, self.layout_for)
