@@ -27,7 +27,7 @@ from typing import Union
 import numpy as np
 import xarray as xr
 
-from scorecam_explorer.cache import cache_layers
+from scorecam_explorer.cache import cache_layers, cache_sampler
 from scorecam_explorer.errors import (
     CacheError,
     ScorecamError,
@@ -36,7 +36,7 @@ from scorecam_explorer.errors import (
 )
 from scorecam_explorer.dataset_store import complete_rows, open_dataset
 from scorecam_explorer.kernels import preset_weights, rank_order, ranks, target_scores, top_k_mask
-from scorecam_explorer.presets import Preset, get_preset
+from scorecam_explorer.presets import Preset, check_preset_applies, get_preset
 from scorecam_explorer.targets import class_index
 
 __all__ = ["channel_statistics", "dataset_channel_maps", "dataset_channel_weights", "dataset_top_channels"]
@@ -57,12 +57,14 @@ def dataset_channel_weights(
         layer: a layer the store holds.
         target: a class index, a class name (case-insensitive), or None for each image's
             top-1 class.
-        preset: a weighting preset name or object (``paper``, ``official``, ...).
+        preset: a weighting preset name or object (``paper``, ``official``, ...); one that
+            does not apply to the store's mask sampler (``official`` on an SS-CAM or IS-CAM
+            store, which keeps the mean of S outputs) is refused with a ScorecamError.
 
     The coordinate ``target`` (along image) holds the class each image was weighted for.
     """
     tree = _open(dataset)
-    chosen = get_preset(preset)
+    chosen = check_preset_applies(get_preset(preset), cache_sampler(tree))
     node = _layer_node(tree, layer)
     class_index = _class_index(tree, target)
     masked_logits = node["masked_logits"].chunk({"channel": -1, "class": -1})

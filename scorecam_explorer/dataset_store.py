@@ -43,7 +43,8 @@ from scorecam_explorer.cache import (
     with_storable_strings,
 )
 from scorecam_explorer.conventions import MaskConvention
-from scorecam_explorer.errors import CacheError, did_you_mean
+from scorecam_explorer.errors import CacheError, ScorecamError, did_you_mean
+from scorecam_explorer.sampling import family_label, family_name, sampler_fields, seeded_noise_records
 
 __all__ = [
     "DATASET_ATTRS",
@@ -59,6 +60,7 @@ __all__ = [
     "resume_rows",
     "select_image",
     "skip_record",
+    "store_sampler",
     "store_template",
     "stored_images",
     "write_row",
@@ -106,8 +108,10 @@ def check_settings(
     convention: MaskConvention,
     precision: str,
     layers: list[str] | None,
+    sampler: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse to resume a store made with another convention, precision or layers."""
+    """Refuse to resume a store made with another convention, precision, layers or mask
+    sampler (``sampler``: the sampler's fields, ``MaskSampler.describe()``; None: Score-CAM's)."""
     recorded = MaskConvention.from_json(attrs["mask_convention"])
     if recorded != convention:
         raise CacheError(
@@ -120,12 +124,41 @@ def check_settings(
             f"the dataset store {path} was computed in {attrs.get('dtype')}, not {precision}; "
             f"use precision={attrs.get('dtype')!r} to resume it, or another store."
         )
+    stored_sampler = store_sampler(attrs, path)
+    wanted = dict(sampler) if sampler is not None else {"name": "scorecam", "samples": 1}
+    if stored_sampler != wanted:
+        raise CacheError(
+            f"the dataset store {path} was computed with {family_label(stored_sampler)} "
+            f"({json.dumps(stored_sampler, sort_keys=True)}), not {family_label(wanted)} "
+            f"({json.dumps(wanted, sort_keys=True)}); resume it with {_family_arguments(stored_sampler)}, "
+            "or use another store."
+        )
     stored_layers = recorded_layers(attrs)
     if layers is not None and sorted(set(layers)) != sorted(stored_layers):
         raise CacheError(
             f"the dataset store {path} holds the layers {', '.join(stored_layers)}, not {', '.join(layers)}; "
             "resume it with its layers, or use another store."
         )
+
+
+def store_sampler(attrs: dict[str, Any], path: Path | str = "") -> dict[str, Any]:
+    """The mask sampler a store's (or a cache's) root attributes record: Score-CAM's when
+    there is none (stores made before samplers were recorded); CacheError when malformed."""
+    try:
+        return sampler_fields(attrs)
+    except ScorecamError as error:
+        raise CacheError(f"the dataset store {path}: {error}") from None
+
+
+def _family_arguments(fields: dict[str, Any]) -> str:
+    """The compute_dataset arguments that make the sampler ``fields`` describe."""
+    parts = [f"family={family_name(fields)!r}"]
+    if fields.get("name") != "scorecam":
+        parts.append(f"samples={fields.get('samples')}")
+    for key in ("std", "seed"):
+        if key in fields:
+            parts.append(f"{key}={fields[key]!r}")
+    return ", ".join(parts)
 
 
 def check_model(attrs: dict[str, Any], path: Path, summary: dict[str, Any]) -> None:
@@ -187,8 +220,15 @@ def store_template(
     convention: MaskConvention,
     precision: str,
     skipped: list[dict[str, str]],
+    sampler: dict[str, Any] | None = None,
 ) -> xr.DataTree:
-    """The store's layout as a lazy cache: every array's shape, no data (never computed)."""
+    """The store's layout as a lazy cache: every array's shape, no data (never computed).
+
+    ``sampler``: the mask sampler's fields (None: Score-CAM's), recorded as a cache records
+    it (``mask_sampler``, ``family``; a seeded SS-CAM's ``noise`` on each layer node, the same
+    for every image)."""
+    fields = dict(sampler) if sampler is not None else {"name": "scorecam", "samples": 1}
+    noise = seeded_noise_records(fields, [name for name, *_ in summary["layer_shapes"]])
     import dask.array
 
     def empty(shape: tuple[int, ...], dtype: str) -> dask.array.Array:
@@ -214,6 +254,8 @@ def store_template(
             "weights_fingerprint": summary["weights_fingerprint"],
             "preprocessing": json.dumps(summary["preprocessing"], sort_keys=True),
             "mask_convention": convention.to_json(),
+            "mask_sampler": json.dumps(fields, sort_keys=True),
+            "family": family_name(fields),
             "dtype": precision,
             "device": "",
             "forward_passes": 0,
@@ -234,7 +276,10 @@ def store_template(
                 "constant": (LAYER_VARIABLES["constant"], empty((n_images, channels), "bool")),
             },
             coords={"channel": np.arange(channels, dtype=np.int64)},
-            attrs=layer_node_attrs(name, summary.get("layer_layouts", {}).get(name, DEFAULT_LAYOUT)),
+            attrs={
+                **layer_node_attrs(name, summary.get("layer_layouts", {}).get(name, DEFAULT_LAYOUT)),
+                **({"noise": json.dumps(noise[name], sort_keys=True)} if name in noise else {}),
+            },
         )
     return validate_cache(xr.DataTree.from_dict(nodes), check_values=False)
 
@@ -316,11 +361,24 @@ def finalize_store(
 
 
 def check_fits(cache: xr.DataTree, expected: dict[str, Any], group: Any, layers: list[str]) -> None:
-    """Refuse to write a cache whose settings or shapes differ from the store's."""
+    """Refuse to write a cache whose settings (its mask sampler and each layer's noise record
+    included) or shapes differ from the store's."""
     for name in ("model_name", "weights_fingerprint", "mask_convention", "dtype", "layers", "preprocessing"):
         if cache.attrs[name] != expected[name]:
             raise CacheError(
                 f"the computed cache's {name} ({cache.attrs[name]}) differs from the store's ({expected[name]})."
+            )
+    if store_sampler(dict(cache.attrs)) != store_sampler(expected):
+        raise CacheError(
+            f"the computed cache's mask sampler ({cache.attrs.get('mask_sampler')}) differs from the store's "
+            f"({expected.get('mask_sampler')})."
+        )
+    for name in layers:
+        stored_noise = group[name].attrs.get("noise")
+        if cache[name].attrs.get("noise") != stored_noise:
+            raise CacheError(
+                f"layer {name}: the computed cache's noise record ({cache[name].attrs.get('noise')}) differs from "
+                f"the store's ({stored_noise}); a dataset store's noise must be drawn from its seed."
             )
     arrays = [(f"/{name}", cache[f"/{name}"].to_dataset(inherit=False)) for name in layers]
     for path, dataset in [("/", cache.to_dataset(inherit=False)), *arrays]:

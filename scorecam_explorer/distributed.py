@@ -23,7 +23,8 @@ How it stays correct when workers fail or a run is interrupted (``docs/distribut
   that dies half-way leaves ``complete[i] = False``; its retry, or a later run, rewrites the
   whole row. Rows are indexed by image, so an image can never be stored twice.
 * A rerun computes only the rows not complete, after checking that the model (name and
-  weights fingerprint), mask convention, precision, layers and image set match the store.
+  weights fingerprint), mask convention, mask sampler (the Score-CAM family member and its
+  samples, noise and seed), precision, layers and image set match the store.
 
 Per image the store also records ``image_forward_passes`` and ``image_seconds`` (the model
 calls and worker seconds of its computation), so :func:`select_image` gives back a cache
@@ -150,6 +151,10 @@ def compute_dataset(
     connect_timeout: float = 10.0,
     progress: bool = True,
     tune_allocator: bool = False,
+    family: str | None = None,
+    samples: int | None = None,
+    std: float | None = None,
+    seed: int | None = None,
 ) -> DatasetRun:
     """Compute the Score-CAM cache of every image on Dask workers, into one Zarr store.
 
@@ -197,14 +202,26 @@ def compute_dataset(
             restarting a worker) relies on it; a tuned worker would keep its peak memory
             for good. Turn it on only for workers with memory to spare (faster batches on
             a CPU, identical numbers).
+        family: the Score-CAM family member, as for ``compute_cache``: ``"score-cam"`` (the
+            default, also None), ``"ss-cam"`` or ``"is-cam"``; recorded in the store as a
+            cache records it (``mask_sampler``, ``family``).
+        samples: S, the masked inputs per channel (None: 35 for SS-CAM, 10 for IS-CAM).
+        std: SS-CAM's noise standard deviation (None: 2.0); only for SS-CAM.
+        seed: SS-CAM's noise seed; only for SS-CAM. A store always draws from a seed (None:
+            0), each image from a fresh ``torch.Generator().manual_seed(seed)``, so that every
+            image of the store equals ``compute_cache(..., family="ss-cam", seed=seed)`` on that
+            image alone, whichever worker computed it (the workers' global generators are
+            neither read nor changed). The seed is recorded in ``mask_sampler``.
 
     Returns:
         A :class:`DatasetRun`; ``run.open()`` gives the store as a lazy cache.
 
     Raises:
         CacheError: the store exists but is not a dataset store, or was made with another
-            model, convention, precision, layers or image set (the message says which).
-        ScorecamError: bfloat16 on a device without native bfloat16 (see ``precision``),
+            model, convention, precision, layers, family (its samples, std, seed) or image set
+            (the message says which).
+        ScorecamError: an unknown family, samples < 1, std <= 0, a negative seed, or std /
+            seed with a family that has no noise (before any cluster starts); bfloat16 on a device without native bfloat16 (see ``precision``),
             the scheduler cannot be reached within ``connect_timeout``, or some
             images failed after their retries (the store keeps every finished image: rerun
             to compute the rest).
@@ -220,12 +237,13 @@ def compute_dataset(
         raise ScorecamError(f"tune_allocator must be True or False, not {tune_allocator!r}.")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ScorecamError(f"retries must be a non-negative integer, not {retries!r}.")
+    sampler = dataset_sampler(family, samples, std, seed)
     requested_layers = _requested_layers(layers)
     sources, ids = _collect_sources(images)
     target = Path(store).absolute()
     existing = existing_store_attrs(target)
     if existing is not None:
-        check_settings(existing, target, mask_convention, precision, requested_layers)
+        check_settings(existing, target, mask_convention, precision, requested_layers, sampler)
     if client is None or client == "local":  # the local cluster's workers run on this machine
         from scorecam_explorer.device import check_native_precision
 
@@ -244,7 +262,7 @@ def compute_dataset(
             pure=False,
         ).result()
         if existing is None:
-            pending = _start_store(dask_client, target, summary, sources, ids, mask_convention, precision, run)
+            pending = _start_store(dask_client, target, summary, sources, ids, mask_convention, precision, run, sampler)
         else:
             run.already_complete, pending = resume_rows(target, existing, summary, ids)
         stored_ids, _complete = stored_images(target)
@@ -266,6 +284,7 @@ def compute_dataset(
                 batch_size,
                 device,
                 tune_allocator,
+                sampler,
                 key=f"scorecam-image-{row_of[image]}-{uuid.uuid4().hex[:8]}",
                 retries=retries,
                 pure=False,
@@ -302,6 +321,7 @@ def _start_store(
     convention: MaskConvention,
     precision: str,
     run: DatasetRun,
+    sampler: dict[str, Any] | None = None,
 ) -> list[str]:
     """Check which images can be read, create the store for those; returns the images to compute."""
     unreadable = _probe_images(client, sources, ids)
@@ -315,8 +335,22 @@ def _start_store(
     run.skipped.update(unreadable)
     source_of = dict(zip(ids, sources))
     skipped = [skip_record(image, reason, source_of) for image, reason in unreadable.items()]
-    create_store(path, store_template(summary, readable, convention, precision, skipped))
+    create_store(path, store_template(summary, readable, convention, precision, skipped, sampler))
     return readable
+
+
+def dataset_sampler(
+    family: str | None, samples: int | None, std: float | None, seed: int | None
+) -> dict[str, Any]:
+    """The fields of the mask sampler a dataset store is computed with (checked here, before
+    any cluster starts): ``compute_cache``'s ``family``, ``samples``, ``std`` and ``seed``,
+    SS-CAM's seed 0 when none is given (a store's noise is always drawn from a seed)."""
+    from scorecam_explorer.sampling import SSCamSampler, resolve_sampler
+
+    sampler = resolve_sampler(None, family=family, samples=samples, std=std, seed=seed)
+    if isinstance(sampler, SSCamSampler) and sampler.seed is None:
+        sampler.seed = 0
+    return sampler.check().describe()
 
 
 def _check_factory(model_factory: ModelFactory) -> str:
@@ -617,15 +651,18 @@ def _compute_image(
     batch_size: int | None,
     device: str,
     tune_allocator: bool = False,
+    sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One task: compute image ``row``'s cache and write its row of the store, then mark it complete.
 
     ``tune_allocator`` is passed to ``compute_cache``: off unless asked (see
     :func:`compute_dataset`), so a worker's freed memory goes back as its nanny expects.
+    ``sampler``: the mask sampler's fields (None: Score-CAM's), rebuilt for this task.
     """
     import zarr
 
     from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.sampling import sampler_from_fields
 
     group = zarr.open_group(store, mode="r", zarr_format=3)
     if bool(group["complete"][row]):  # a retry after the row was finished, or a duplicate
@@ -652,6 +689,7 @@ def _compute_image(
                 precision=precision,
                 image_ids=[image],
                 tune_allocator=tune_allocator,
+                sampler=sampler_from_fields(sampler) if sampler is not None else None,
             )
         except ImageLoadError as error:
             return {"status": "skipped", "reason": str(error)}

@@ -16,10 +16,11 @@ weighting or channel subset is then a function of these arrays alone
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -76,6 +77,7 @@ def compute_cache(
     family: str | None = None,
     samples: int | None = None,
     std: float | None = None,
+    seed: int | None = None,
 ) -> xr.DataTree:
     """Run the unmasked, baseline and masked forward passes and return the cache.
 
@@ -143,6 +145,12 @@ def compute_cache(
             and for SS-CAM a constant channel is forwarded too (its noise is not zero):
             the count is logged, and shown on the progress bar, before they start.
         std: SS-CAM's noise standard deviation σ (None: 2.0); only for SS-CAM.
+        seed: SS-CAM's noise seed; only for SS-CAM. None draws from torch's global generator
+            (torchcam's way) and records its state at each layer's start in the layer's
+            ``noise`` attribute; an integer draws from ``torch.Generator().manual_seed(seed)``,
+            made afresh for this call (the noise of ``torch.manual_seed(seed)`` before
+            torchcam's ``SSCAM``), recorded in ``mask_sampler``; the global generator is then
+            left alone. See ``docs/cache.md``.
 
     Returns:
         The cache (``docs/cache.md``), with ``forward_passes`` (model calls made) and
@@ -150,7 +158,7 @@ def compute_cache(
     """
     watch = Stopwatch()
     mask_convention = get_convention(convention)
-    mask_sampler = resolve_sampler(sampler, family=family, samples=samples, std=std)
+    mask_sampler = resolve_sampler(sampler, family=family, samples=samples, std=std, seed=seed)
     precision = device_setup.check_native_precision(precision, device)  # before any forward pass
     preprocessing_known = isinstance(model, LoadedModel) or preprocessing is not None
     with _probe_counter(model) as probe_calls:  # a plain module is probed once (class count, layer shapes)
@@ -221,7 +229,7 @@ def compute_cache(
             )
         forward_passes = probe_calls[0] + sum(count[0] for count in calls)
 
-    return build_cache(
+    cache = build_cache(
         pictures=pictures,
         inputs=batch.numpy(),
         logits=logits.cpu().numpy(),
@@ -239,6 +247,10 @@ def compute_cache(
         forward_passes=forward_passes,
         seconds=watch.seconds,
     )
+    for name, arrays in layer_arrays.items():
+        if arrays.noise is not None:
+            cache[name].attrs["noise"] = json.dumps(arrays.noise, sort_keys=True)
+    return cache
 
 
 def _score_layers(
@@ -256,10 +268,13 @@ def _score_layers(
     progress: bool,
     on_progress: Callable[[int, int], None] | None = None,
     sampler: MaskSampler,
-) -> dict[str, LayerArrays]:
-    """The masked passes of every layer, in model order, with one progress bar."""
+) -> dict[str, _ScoredLayer]:
+    """The masked passes of every layer, in model order, with one progress bar; each layer's
+    arrays carry the sampler's record of its noise (:meth:`MaskSampler.noise_record`, with
+    ``after``: the layers drawn before it in this call, from the same generator)."""
     total = sum(int(a.shape[0] * a.shape[1]) for a in activations.values())
-    arrays: dict[str, LayerArrays] = {}
+    arrays: dict[str, _ScoredLayer] = {}
+    sampler.start_call()
     cost = cost_text(sampler, total)  # said before any masked pass
     _logger.info("%s", cost)
     with _progress_bar(total, progress, cost if int(sampler.samples) > 1 or not sampler.constant_is_free else None) as bar:
@@ -279,12 +294,23 @@ def _score_layers(
                 progress=advance,
                 sampler=sampler,
             )
-            arrays[name] = LayerArrays(
+            record = sampler.noise_record()
+            if record is not None and "layers_before" in record:
+                record["after"] = list(arrays)[: int(record.pop("layers_before"))]
+            arrays[name] = _ScoredLayer(
                 activation=activation.cpu().numpy(),
                 masked_logits=scores.masked_logits.numpy(),
                 constant=scores.constant.numpy(),
+                noise=record,
             )
     return arrays
+
+
+@dataclass
+class _ScoredLayer(LayerArrays):
+    """A layer's arrays and what its random draws came from (None: nothing random)."""
+
+    noise: dict[str, Any] | None = None
 
 
 def _masked_model(

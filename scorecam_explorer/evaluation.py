@@ -83,13 +83,21 @@ def check_settings(
     convention: str | None = None,
     sanity_depth: int = 1,
     batch_size: int = 16,
+    family: str | None = None,
+    samples: int | None = None,
+    std: float | None = None,
+    seed: int | None = None,
+    sanity: bool = False,
 ) -> list[str]:
     """Check the settings of :func:`evaluate` without touching a model or an image.
 
     Uses the metrics' own checks: 0 < keep_fraction <= 1, ``space`` one of ``SPACES``,
     0 < step_fraction <= 1, an odd blur kernel length >= 1 and sigma > 0, sanity_depth >= 1,
     a positive batch size, and (when a method that needs masked passes, Score-CAM, is
-    evaluated) a known preset and mask convention. Returns the checked method keys
+    evaluated) a known preset and mask convention, the Score-CAM family member (``family``,
+    ``samples``, ``std``, ``seed``, as for ``compute_cache``) and that the preset applies to
+    it (``official`` needs one sample per channel), and no sanity check with SS-CAM or
+    IS-CAM (it runs Score-CAM itself). Returns the checked method keys
     (:func:`check_methods`; ``methods=None``: every registered method); raises
     ScorecamError (UnknownMethodError for a method) for the first bad setting.
     """
@@ -110,7 +118,35 @@ def check_settings(
         from scorecam_explorer.presets import get_preset
 
         get_convention(convention if convention is not None else get_preset(preset).mask_convention)
+        family_fields(preset, family, samples, std, seed, sanity=sanity)
+    elif family is not None or samples is not None or std is not None or seed is not None:
+        family_fields(preset, family, samples, std, seed, sanity=sanity)  # checked all the same
     return chosen
+
+
+def family_fields(
+    preset: str,
+    family: str | None,
+    samples: int | None,
+    std: float | None,
+    seed: int | None,
+    *,
+    sanity: bool = False,
+) -> dict[str, Any]:
+    """The recorded fields of the mask sampler Score-CAM's cache is computed with (Score-CAM's
+    for ``family=None``), after checking that ``preset`` applies to it; ScorecamError otherwise."""
+    from scorecam_explorer.presets import check_preset_applies, get_preset
+    from scorecam_explorer.sampling import resolve_sampler
+
+    fields = resolve_sampler(None, family=family, samples=samples, std=std, seed=seed).describe()
+    check_preset_applies(get_preset(preset), fields)
+    if sanity and fields.get("name") != "scorecam":
+        raise ScorecamError(
+            "the sanity check runs Score-CAM itself (one masked input per channel), not "
+            f"{fields.get('name')}; evaluate the family member without sanity=True (CLI: --sanity), "
+            "or run the sanity check with family='score-cam'."
+        )
+    return fields
 
 
 def method_label(method: str) -> str:
@@ -313,7 +349,8 @@ class EvaluationResult:
         else:
             lines.append("Energy pointing game: left out (no bounding boxes given; pass --boxes boxes.json).")
         if p.get("preset") is not None:
-            lines.append(f"Score-CAM preset: {p['preset']} (mask convention {p['mask_convention']}).")
+            family = f"; {p['family']}" if p.get("family") and p.get("family") != "Score-CAM" else ""
+            lines.append(f"Score-CAM preset: {p['preset']} (mask convention {p['mask_convention']}{family}).")
         if self.fidelity is not None:
             means = json.loads(self.fidelity.attrs["mean_by_k"])
             shown = ", ".join(f"k={k}: {_format(v, 'r')}" for k, v in means.items())
@@ -443,6 +480,10 @@ def evaluate(
     keep_maps: bool = False,
     log: Callable[[str], None] | None = None,
     tune_allocator: bool = True,
+    family: str | None = None,
+    samples: int | None = None,
+    std: float | None = None,
+    seed: int | None = None,
 ) -> EvaluationResult:
     """Run ``methods`` x the paper's metrics over ``images`` (see the module doc).
 
@@ -458,7 +499,11 @@ def evaluate(
     ``keep_maps`` keeps every method's maps in ``result.maps``; ``log`` receives one line
     per stage (progress). ``tune_allocator`` is passed to ``compute_cache`` when Score-CAM
     runs (its map or its sanity check); the gradient methods and the metrics never change
-    the process's allocator (``docs/process-effects.md``).
+    the process's allocator (``docs/process-effects.md``). ``family``, ``samples``, ``std``
+    and ``seed`` choose the Score-CAM family member of Score-CAM's cache (``"ss-cam"``,
+    ``"is-cam"``; as for ``compute_cache``): its maps and top-k fidelity then come from that
+    cache, and a preset that does not apply to it (``official`` with S > 1) is refused
+    before any forward pass; the protocol records it (``family``, ``mask_sampler``).
 
     Every setting is checked (:func:`check_settings`) before the images load and the model
     runs, and a given ``target`` before the first forward pass.
@@ -490,7 +535,16 @@ def evaluate(
         convention=convention,
         sanity_depth=sanity_depth,
         batch_size=batch_size,
+        family=family,
+        samples=samples,
+        std=std,
+        seed=seed,
+        sanity=sanity,
     )
+    from scorecam_explorer.sampling import family_label
+
+    sampler = family_fields(preset, family, samples, std, seed, sanity=sanity)
+    family_options = {"family": family, "samples": samples, "std": std, "seed": seed} if family is not None else {}
     say = log or (lambda message: None)
     image_set = images if isinstance(images, ImageSet) else collect_images(images, max_images)
     chosen_boxes = boxes_for(image_set, boxes)
@@ -527,6 +581,7 @@ def evaluate(
                 convention=convention,
                 image_ids=batch.image_ids,
                 tune_allocator=tune_allocator,
+                **family_options,
             )
             cache_convention = json.loads(cache.attrs["mask_convention"])
             maps = scorecam(cache, layer_name, targets, preset=preset)
@@ -636,6 +691,8 @@ def evaluate(
         "boxes": len(chosen_boxes),
         "preset": preset if any(needs_masked_passes(m) for m in chosen_methods) else None,
         "mask_convention": cache_convention.get("name") if cache_convention else None,
+        "family": family_label(sampler) if any(needs_masked_passes(m) for m in chosen_methods) else None,
+        "mask_sampler": sampler if any(needs_masked_passes(m) for m in chosen_methods) else None,
         "gradient_maps": "ReLU(sum_k w_k A_k) of the logit's gradients, bilinear (align_corners=False), min-max",
         "sanity_depth": sanity_depth if sanity else None,
         "package_version": _package_version(),

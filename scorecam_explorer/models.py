@@ -75,7 +75,9 @@ class LoadedModel:
     layouts: Mapping[str, LayerLayout] = field(default_factory=dict)
     default_layout: LayerLayout = NCHW
     probe_size: tuple[int, int] | None = None
+    size_from_input: bool = False
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
+    _sized: dict[tuple[int, int], LoadedModel] = field(default_factory=dict, repr=False, compare=False)
 
     def layout_for(self, layer: str) -> LayerLayout:
         """The layout that turns ``layer``'s output into channel maps (default: ``nchw``)."""
@@ -88,6 +90,19 @@ class LoadedModel:
         if self.probe_size is not None:
             return (int(self.probe_size[0]), int(self.probe_size[1]))
         return (self.preprocessing.input_size, self.preprocessing.input_size)
+
+    def at_input(self, size: tuple[int, int]) -> LoadedModel:
+        """This model with its layers probed at an input of ``size`` (height, width), when its
+        probe size follows the input it is given (``size_from_input``: a plain module wrapped
+        without an ``input_size``); else, or when the size is already that, the model itself.
+        The copy shares the module, preprocessing and class names, and is kept (one probe per
+        size)."""
+        hw = (int(size[0]), int(size[1]))
+        if not self.size_from_input or hw == self.input_hw:
+            return self
+        if hw not in self._sized:
+            self._sized[hw] = replace(self, probe_size=hw, _layers=None, _sized={})
+        return self._sized[hw]
 
     def _probe(self) -> tuple[list[LayerInfo], str | None]:
         layers, default = probe_layers(self.module, self.input_hw, self.layout_for)
@@ -440,7 +455,9 @@ def from_module(
     ``input_size``: the input side the layers are probed at (and pictures cropped to), or a
     pair (height, width) for a model that takes non-square inputs (pictures are then cropped
     to a square of the height). None: the size the module is built for (a torchvision ViT's
-    ``image_size``), else 224.
+    ``image_size``, also of a ViT inside it, or timm's ``patch_embed.img_size``), else 224;
+    the layers are then probed again at the size of the input a computation is given
+    (:meth:`LoadedModel.at_input`).
 
     Without ``class_names`` they are ``class 0``, ``class 1``, ... (counted from one probe pass).
     ``module`` is not changed: its train/eval flags stay as they are.
@@ -462,8 +479,9 @@ def from_module(
         raise ScorecamError("give the layers' layout once: layout= or reshape= (the same option), not both.")
     family = model_family(module)
     layouts, default_layout = _layouts(module, reshape if reshape is not None else layout, family)
+    size_from_input = input_size is None
     if input_size is None:
-        input_size = family.input_size if family is not None and family.input_size else 224
+        input_size = _built_for_size(module, family) or 224
     probe_size = None
     if isinstance(input_size, (tuple, list)):
         height, width = (int(side) for side in input_size)
@@ -479,6 +497,7 @@ def from_module(
         layouts=layouts,
         default_layout=default_layout,
         probe_size=probe_size,
+        size_from_input=size_from_input,
     )
     if class_names is None:
         parameter = next(module.parameters(), None)
@@ -490,6 +509,27 @@ def from_module(
     if default_layer is not None:
         loaded.default_layer_hint = loaded.check_layer(default_layer)
     return loaded
+
+
+def _built_for_size(module: nn.Module, family: ModelFamily | None) -> int | None:
+    """The square input side ``module`` is built for, when it says: its family's (a
+    torchvision ViT's ``image_size``), a torchvision ViT inside it, or a timm-style
+    ``patch_embed.img_size``; None when it says none (a CNN takes any size)."""
+    if family is not None and family.input_size:
+        return int(family.input_size)
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        VisionTransformer = ()  # type: ignore[assignment,misc]
+    for sub in module.modules():
+        if VisionTransformer and isinstance(sub, VisionTransformer):
+            return int(sub.image_size)
+        size = getattr(getattr(sub, "patch_embed", None), "img_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1] and isinstance(size[0], int):
+            return int(size[0])
+    return None
 
 
 def _layouts(

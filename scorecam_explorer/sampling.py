@@ -59,6 +59,8 @@ can be read without torch.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import inspect
 import json
 import math
@@ -100,10 +102,21 @@ class MaskSampler:
     title: str = ""
     """The method as people write it (``"SS-CAM"``), for labels (``""``: the name)."""
 
+    def start_call(self) -> None:
+        """Called by the engine once per ``compute_cache`` call, before its first layer.
+        Nothing by default; SS-CAM picks the generator its noise comes from here."""
+
     def start_layer(self, *, n_images: int, n_channels: int, size: tuple[int, int]) -> None:
         """Called by the engine before the masked inputs of a layer's N images x C channels
         (inputs of ``size`` (H, W)) are asked for. Nothing by default; SS-CAM prepares its
         noise streams here."""
+
+    def noise_record(self) -> dict[str, Any] | None:
+        """What the last layer's random draws came from, as JSON values, recorded in that
+        layer's ``noise`` attribute (so that a cache says how to reproduce its draw); None
+        for a sampler whose draws are fixed by :meth:`describe` (deterministic ones, and
+        those drawing from the generator the engine seeds with :attr:`seed`)."""
+        return None
 
     def masked_inputs(
         self,
@@ -225,9 +238,19 @@ class SSCamSampler(MaskSampler):
     order (images, then channels). So the same ``torch.manual_seed`` before ``compute_cache``
     and before torchcam's ``SSCAM`` gives the same noise, whatever either's batch size (torchcam's
     noise does not depend on its batch size either), and the global generator ends where
-    torchcam leaves it. Seed torch's global generator for a reproducible cache; :attr:`seed`
-    is not used. Layers are computed in model order, torchcam's in the order given: with
-    several layers, the same noise needs the same order.
+    torchcam leaves it. Layers are computed in model order, torchcam's in the order given:
+    with several layers, the same noise needs the same order.
+
+    ``seed``: None (the default) draws from torch's global generator, as torchcam does; the
+    state it had when each layer's noise started is recorded in that layer's ``noise``
+    attribute (:meth:`noise_record`: the state itself, base64, and its sha256), so that
+    ``torch.set_rng_state`` with it reproduces that layer's draw. An integer draws instead
+    from a private generator ``torch.Generator().manual_seed(seed)``, made afresh for each
+    ``compute_cache`` call (``start_call``) and read layer after layer in model order: the
+    noise of ``torch.manual_seed(seed)`` before torchcam's ``SSCAM`` over the same layers, and
+    the global generator is left alone. The seed is one of the sampler's parameters (in the
+    cache's ``mask_sampler``); each layer's ``noise`` attribute names the layers drawn before it
+    from the same generator.
 
     Every channel is forwarded S times: a constant channel's mask is zero but its noise is
     not, so it is not free (``constant_is_free`` is False).
@@ -238,25 +261,75 @@ class SSCamSampler(MaskSampler):
     title = "SS-CAM"
     constant_is_free = False
 
-    def __init__(self, samples: int = 35, std: float = 2.0) -> None:
+    def __init__(self, samples: int = 35, std: float = 2.0, seed: int | None = None) -> None:
         self.samples = samples
         self.std = std
+        self.seed = seed  # type: ignore[assignment]  # None: torch's global generator
         self._noise: _TorchcamNoise | None = None
         self._channels = 0
         self._size = (0, 0)
+        self._source: torch.Generator | None = None
+        self._layers_drawn = 0
+        self._record: dict[str, Any] | None = None
 
     def parameters(self) -> dict[str, Any]:
-        return {"std": float(self.std)} if _is_number(self.std) else {"std": self.std}
+        fields: dict[str, Any] = {"std": float(self.std)} if _is_number(self.std) else {"std": self.std}
+        if self.seed is not None:
+            fields["seed"] = self.seed
+        return fields
 
     def check(self) -> MaskSampler:
         if not _is_number(self.std) or not math.isfinite(float(self.std)) or float(self.std) <= 0:
             raise ScorecamError(f"SS-CAM: std (the noise's standard deviation) must be a number > 0, not {self.std!r}.")
-        return super().check()
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ScorecamError(f"SS-CAM: seed must be None (torch's global generator) or an integer >= 0, not {self.seed!r}.")
+        seed, self.seed = self.seed, 0  # the base class checks the engine's generator seed
+        try:
+            return super().check()
+        finally:
+            self.seed = seed
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """Unused (the noise comes from :meth:`start_call`'s generator); one seeded with 0."""
+        import torch
+
+        return torch.Generator(device=device).manual_seed(0)
+
+    def start_call(self) -> None:
+        import torch
+
+        self._source = torch.default_generator if self.seed is None else torch.Generator().manual_seed(int(self.seed))
+        self._layers_drawn = 0
 
     def start_layer(self, *, n_images: int, n_channels: int, size: tuple[int, int]) -> None:
+        if self._source is None:  # a layer scored without compute_cache: a call of its own
+            self.start_call()
+        source = self._source
+        assert source is not None
+        if self.seed is None:
+            state = source.get_state()
+            raw = bytes(state.numpy().tobytes())
+            self._record = {
+                "generator": "global",
+                "state": base64.b64encode(raw).decode("ascii"),
+                "state_sha256": hashlib.sha256(raw).hexdigest(),
+            }
+        else:
+            self._record = {"generator": "seeded", "seed": int(self.seed), "layers_before": self._layers_drawn}
         self._channels = int(n_channels)
         self._size = (int(size[0]), int(size[1]))
-        self._noise = _TorchcamNoise(int(self.samples), float(self.std), int(n_images) * int(n_channels), size)
+        self._noise = _TorchcamNoise(
+            int(self.samples), float(self.std), int(n_images) * int(n_channels), size, source=source
+        )
+        self._layers_drawn += 1
+
+    def noise_record(self) -> dict[str, Any] | None:
+        """The last layer's noise source: ``{"generator": "global", "state": base64, "state_sha256":
+        hex}`` (torch's global CPU generator's state when the layer's noise started: restore it with
+        ``torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))``)
+        or ``{"generator": "seeded", "seed": s, "layers_before": k}`` (a fresh
+        ``torch.Generator().manual_seed(s)`` read through k layers' noise first)."""
+        return dict(self._record) if self._record is not None else None
 
     def masked_inputs(
         self,
@@ -330,7 +403,8 @@ def _is_number(value: Any) -> bool:
 
 
 class _TorchcamNoise:
-    """SS-CAM's noise as torchcam 0.5.0 draws it from torch's global CPU generator: per sample
+    """SS-CAM's noise as torchcam 0.5.0 draws it from torch's global CPU generator (or from
+    ``source``, a CPU generator, read the same way): per sample
     s, one tensor of ``rows`` x H x W values ``torch.normal(0, σ)`` (rows = images x channels,
     image-major), sample after sample. Read here a batch of rows at a time, in row order, for
     every sample.
@@ -353,14 +427,16 @@ class _TorchcamNoise:
 
     _PIECE = 1 << 22  # values per draw while walking the stream (16 MB)
 
-    def __init__(self, samples: int, std: float, rows: int, size: tuple[int, int]) -> None:
+    def __init__(
+        self, samples: int, std: float, rows: int, size: tuple[int, int], source: torch.Generator | None = None
+    ) -> None:
         import torch
 
         self.loc = torch.tensor(0.0)  # torch.distributions.Normal(0, σ): float32 scalars
         self.scale = torch.tensor(float(std))
         self.pixels = int(size[0]) * int(size[1])
         self.total = int(rows) * self.pixels
-        source = torch.default_generator
+        source = source if source is not None else torch.default_generator
         self.generators = []
         for _ in range(samples):
             copy = torch.Generator()
@@ -437,14 +513,17 @@ def _builtin_name(name: str) -> str | None:
     return key if key in MASK_SAMPLERS else None
 
 
-def family_sampler(family: str, *, samples: int | None = None, std: float | None = None) -> MaskSampler:
+def family_sampler(
+    family: str, *, samples: int | None = None, std: float | None = None, seed: int | None = None
+) -> MaskSampler:
     """The sampler of a Score-CAM family member, ``compute_cache(family=..., samples=..., std=...)``.
 
     ``family`` is ``"score-cam"``, ``"ss-cam"`` or ``"is-cam"`` (also ``"scorecam"``,
     ``"sscam"``, ``"iscam"``). None for ``samples`` / ``std`` means torchcam's defaults
     (SS-CAM 35 samples, σ = 2; IS-CAM 10 samples). Score-CAM has one sample and no noise;
-    IS-CAM has no noise: a ScorecamError says so when ``std`` (or ``samples`` other than 1 for
-    Score-CAM) is given.
+    IS-CAM has no noise: a ScorecamError says so when ``std`` or ``seed`` (or ``samples`` other
+    than 1 for Score-CAM) is given. ``seed``: SS-CAM's noise seed (None: torch's global
+    generator; see :class:`SSCamSampler`).
     """
     if not isinstance(family, str) or _builtin_name(family) is None:
         raise ScorecamError(
@@ -457,6 +536,9 @@ def family_sampler(family: str, *, samples: int | None = None, std: float | None
     if std is not None and name != "ss-cam":
         title = MASK_SAMPLERS[name].title or name
         raise ScorecamError(f"std is the noise of SS-CAM; {title} adds no noise, so std cannot be given with it.")
+    if seed is not None and name != "ss-cam":
+        title = MASK_SAMPLERS[name].title or name
+        raise ScorecamError(f"seed is SS-CAM's noise seed; {title} adds no noise, so seed cannot be given with it.")
     if name == "scorecam":
         if samples not in (None, 1):
             raise ScorecamError(
@@ -468,6 +550,8 @@ def family_sampler(family: str, *, samples: int | None = None, std: float | None
         options["samples"] = samples
     if std is not None:
         options["std"] = std
+    if seed is not None:
+        options["seed"] = seed
     return MASK_SAMPLERS[name](**options).check()
 
 
@@ -477,24 +561,25 @@ def resolve_sampler(
     family: str | None = None,
     samples: int | None = None,
     std: float | None = None,
+    seed: int | None = None,
 ) -> MaskSampler:
-    """``compute_cache``'s sampler: from ``sampler=``, or from ``family=`` (with ``samples``
-    and ``std``), not both (see :func:`family_sampler` and :func:`get_sampler`)."""
+    """``compute_cache``'s sampler: from ``sampler=``, or from ``family=`` (with ``samples``,
+    ``std`` and ``seed``), not both (see :func:`family_sampler` and :func:`get_sampler`)."""
     if family is None:
-        if samples is not None or std is not None:
+        if samples is not None or std is not None or seed is not None:
             raise ScorecamError(
-                "samples= and std= go with family= (e.g. family='ss-cam', samples=35, std=2.0); "
+                "samples=, std= and seed= go with family= (e.g. family='ss-cam', samples=35, std=2.0); "
                 "a MaskSampler passed as sampler= carries its own."
             )
         return get_sampler(sampler)
     if sampler is not None:
         raise ScorecamError("give either family= (with samples= and std=) or sampler=, not both.")
-    return family_sampler(family, samples=samples, std=std)
+    return family_sampler(family, samples=samples, std=std, seed=seed)
 
 
 def family_label(fields: Mapping[str, Any]) -> str:
-    """A recorded sampler in words: ``"Score-CAM"``, ``"SS-CAM, 35 samples, σ = 2"``,
-    ``"IS-CAM, 10 samples"``; another sampler by its name and samples. No torch needed."""
+    """A recorded sampler in words: ``"Score-CAM"``, ``"SS-CAM, 35 samples, σ = 2"`` (``", seed
+    0"`` added when it has one), ``"IS-CAM, 10 samples"``; another sampler by its name and samples. No torch needed."""
     name = str(fields.get("name", DEFAULT_SAMPLER))
     builtin = _builtin_name(name)
     title = (MASK_SAMPLERS[builtin].title if builtin else "") or name
@@ -504,6 +589,8 @@ def family_label(fields: Mapping[str, Any]) -> str:
     parts = [title, f"{samples} sample{'s' if samples != 1 else ''}"]
     if "std" in fields:
         parts.append(f"σ = {float(fields['std']):g}")
+    if fields.get("seed") is not None:
+        parts.append(f"seed {fields['seed']}")
     return ", ".join(parts)
 
 
@@ -513,6 +600,19 @@ def family_name(fields: Mapping[str, Any]) -> str:
     name = str(fields.get("name", DEFAULT_SAMPLER))
     builtin = _builtin_name(name)
     return (MASK_SAMPLERS[builtin].family or builtin) if builtin else name
+
+
+def seeded_noise_records(fields: Mapping[str, Any], layers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``noise`` attribute each layer of a ``compute_cache`` call over ``layers`` (model
+    order) gets from the seeded sampler ``fields`` describe (an SS-CAM with a ``seed``),
+    known before the call: ``{"generator": "seeded", "seed": s, "after": [the layers before]}``.
+    ``{}`` for a sampler that records no noise or draws from the global generator."""
+    if _builtin_name(str(fields.get("name", ""))) != "ss-cam" or fields.get("seed") is None:
+        return {}
+    return {
+        str(layer): {"generator": "seeded", "seed": int(fields["seed"]), "after": [str(name) for name in layers[:index]]}
+        for index, layer in enumerate(layers)
+    }
 
 
 def cost_text(sampler: MaskSampler, channels: int) -> str:

@@ -7,7 +7,8 @@ forward passes of every tiny model in this process. ``batchnorm_cnn`` is a small
 BatchNorm for the folding and fusion tests, and ``AWKWARD_MODELS`` are small networks built to
 trip those rewrites (shared convolutions, subclasses with their own forward, a hidden flag,
 reflect padding, affine-free BatchNorm, outputs read twice, an in-place addition into an
-alias). ``normal`` and ``uniform`` draw seeded test inputs.
+alias). ``tiny_vit`` and ``tiny_swin`` are small random-weight torchvision transformers with
+fixed seeds. ``normal`` and ``uniform`` draw seeded test inputs.
 """
 
 from __future__ import annotations
@@ -369,3 +370,38 @@ def write_images(folder: Path, count: int, size: int = INPUT_SIZE) -> list[Path]
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+def _seeded(build, seed: int) -> nn.Module:
+    """``build()`` with torch's global generator seeded (and put back afterwards), in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def tiny_vit(seed: int = 0) -> LoadedModel:
+    """A random-weight torchvision VisionTransformer for 32 x 32 inputs (patch 8, 2 layers,
+    hidden 32, 5 classes), the same weights in every process."""
+    import torchvision
+
+    module = _seeded(
+        lambda: torchvision.models.VisionTransformer(
+            image_size=INPUT_SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+        ),
+        seed,
+    )
+    return from_module(module, name="tiny-vit")
+
+
+def tiny_swin(seed: int = 0) -> LoadedModel:
+    """A random-weight torchvision SwinTransformer (patch 4, embed 16, two stages of one
+    block, window 4, 5 classes) probed at 32 x 32, the same weights in every process."""
+    import torchvision
+
+    module = _seeded(
+        lambda: torchvision.models.SwinTransformer(
+            patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+        ),
+        seed,
+    )
+    return from_module(module, name="tiny-swin", input_size=INPUT_SIZE)

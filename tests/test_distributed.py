@@ -21,9 +21,10 @@ import xarray as xr
 import zarr
 
 import _tiny_models
-from _tiny_models import forward_calls, sabotaged_model, tiny_model, write_images
+from _tiny_models import forward_calls, sabotaged_model, tiny_model, tiny_swin, tiny_vit, write_images
 from scorecam_explorer import compose
-from scorecam_explorer.cache import LAYER_VARIABLES, ROOT_VARIABLES, load_cache, save_cache
+from scorecam_explorer.cache import LAYER_VARIABLES, ROOT_VARIABLES, cache_sampler, load_cache, save_cache
+from scorecam_explorer.dataset_analysis import channel_statistics, dataset_channel_weights
 from scorecam_explorer.cli import build_parser, main
 from scorecam_explorer.conventions import get_convention
 from scorecam_explorer.distributed import (
@@ -276,6 +277,199 @@ def test_the_cli_computes_a_folder_on_a_running_scheduler(client, tmp_path, caps
     assert cache["image"].values.tolist() == ["image-00.png", "image-01.png"]
     assert main(argv) == 0  # resumed: nothing left to do
     assert "0 image(s) computed, 2 already complete" in capsys.readouterr().out
+
+
+# ---- the Score-CAM family and transformers through the store -----------------------------
+
+FAMILIES = {
+    "ss-cam": {"family": "ss-cam", "samples": 2, "std": 1.5, "seed": 7},
+    "is-cam": {"family": "is-cam", "samples": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def family_stores(client, image_folder, image_ids, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """An SS-CAM and an IS-CAM store of the first two images."""
+    paths = [image_folder / image for image in image_ids[:2]]
+    stores = {}
+    for name, options in FAMILIES.items():
+        store = tmp_path_factory.mktemp("family") / f"{name}.zarr"
+        run = compute_dataset(tiny_model, paths, LAYERS, store, client=client, batch_size=BATCH, progress=False, **options)
+        stores[name] = (store, run)
+    return stores
+
+
+def assert_rows_equal_single_caches(
+    store: Path, references: dict[str, xr.DataTree], layers: list[str], *, same_passes: bool = True
+) -> None:
+    """Each stored row equals the cache computed for its image alone, bit for bit, with the
+    same sampler record (root) and noise records (layers); ``same_passes``: and the same
+    model calls (not when one side's model had checked its faster copy before)."""
+    cache = load_cache(store)
+    for row, (image, reference) in enumerate(references.items()):
+        assert str(cache["image"].values[row]) == image
+        for variable in ROOT_VARIABLES:
+            np.testing.assert_array_equal(cache[variable].values[row], reference[variable].values[0], err_msg=variable)
+        for layer in layers:
+            for variable in LAYER_VARIABLES:
+                np.testing.assert_array_equal(
+                    cache[layer][variable].values[row], reference[layer][variable].values[0], err_msg=f"{layer}/{variable}"
+                )
+            assert cache[layer].attrs.get("noise") == reference[layer].attrs.get("noise"), layer
+        one = select_image(store, image)
+        for name in ("mask_sampler", "family", "forward_passes")[: 3 if same_passes else 2]:
+            assert one.attrs[name] == reference.attrs[name], name
+        for layer in layers:
+            assert one[layer].attrs == reference[layer].attrs, layer
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_stores_equal_single_process_caches(family_stores, image_folder, image_ids, family) -> None:
+    store, run = family_stores[family]
+    assert run.computed == image_ids[:2]
+    options = FAMILIES[family]
+    model = tiny_model()
+    references = {
+        image: compute_cache(model, [str(image_folder / image)], LAYERS, batch_size=BATCH, progress=False, **options)
+        for image in image_ids[:2]
+    }
+    assert_rows_equal_single_caches(store, references, LAYERS)
+    attrs = load_cache(store).attrs
+    expected = {key: value for key, value in options.items() if key != "family"}
+    assert json.loads(attrs["mask_sampler"]) == {"name": family, **expected}
+    assert attrs["family"] == family
+    opened = open_dataset(store)
+    assert cache_sampler(opened) == {"name": family, **expected}
+    # SS-CAM's noise comes from the seed, the same records on every image (and none for IS-CAM)
+    noise = [opened[layer].attrs.get("noise") for layer in LAYERS]
+    if family == "ss-cam":
+        assert [json.loads(record) for record in noise] == [
+            {"generator": "seeded", "seed": 7, "after": []},
+            {"generator": "seeded", "seed": 7, "after": ["features.2"]},
+        ]
+    else:
+        assert noise == [None, None]
+
+
+def test_a_family_store_is_analysed_with_the_presets_that_apply(family_stores) -> None:
+    store, _run = family_stores["ss-cam"]
+    weights = dataset_channel_weights(store, "features", 3, preset="torchcam").compute()
+    for row in range(2):
+        expected = compose.channel_weights(select_image(store, row), "features", 3, preset="torchcam").values[0]
+        np.testing.assert_allclose(weights.values[row], expected, rtol=1e-6, atol=1e-9)
+    assert channel_statistics(store, "features", 3, preset="paper").sizes["channel"] == 16
+    with pytest.raises(ScorecamError, match="'official' preset .*\(SS-CAM, 2 samples"):
+        dataset_channel_weights(store, "features", 3, preset="official")
+
+
+def test_resuming_a_family_store_with_another_family_is_refused(
+    client, family_stores, computed_store, image_folder, image_ids
+) -> None:
+    store, _run = family_stores["ss-cam"]
+    paths = [image_folder / image for image in image_ids[:2]]
+    others = [
+        ({}, "computed with SS-CAM, 2 samples, σ = 1.5, seed 7 .* not Score-CAM .*family='ss-cam', samples=2, std=1.5, seed=7"),
+        ({"family": "ss-cam", "samples": 3, "std": 1.5, "seed": 7}, "not SS-CAM, 3 samples"),
+        ({"family": "ss-cam", "samples": 2, "std": 1.0, "seed": 7}, "σ = 1"),
+        ({"family": "ss-cam", "samples": 2, "std": 1.5, "seed": 8}, "seed 8"),
+        ({"family": "ss-cam", "samples": 2, "std": 1.5}, "seed 0"),  # a store's default seed is 0, not 7
+        ({"family": "is-cam", "samples": 2}, "not IS-CAM, 2 samples"),
+    ]
+    before = worker_forward_calls(client)
+    for options, message in others:
+        with pytest.raises(CacheError, match=message):
+            compute_dataset(tiny_model, paths, LAYERS, store, client=client, progress=False, **options)
+    with pytest.raises(CacheError, match="computed with Score-CAM .* not SS-CAM"):  # and the other way round
+        compute_dataset(tiny_model, image_folder, LAYERS, computed_store[0], client=client, progress=False,
+                        **FAMILIES["ss-cam"])  # fmt: skip
+    run = compute_dataset(tiny_model, paths, LAYERS, store, client=client, progress=False, **FAMILIES["ss-cam"])
+    assert run.computed == [] and sorted(run.already_complete) == image_ids[:2]
+    assert worker_forward_calls(client) == before
+
+
+def test_an_ss_cam_store_without_a_seed_draws_from_seed_0(client, image_folder, image_ids, tmp_path) -> None:
+    path = image_folder / image_ids[0]
+    store = tmp_path / "seed0.zarr"
+    options = {"family": "ss-cam", "samples": 2}
+    torch.manual_seed(99)  # neither this process's nor the workers' global generator is read
+    compute_dataset(tiny_model, [path], ["features"], store, client=client, batch_size=BATCH, progress=False, **options)
+    assert cache_sampler(load_cache(store)) == {"name": "ss-cam", "samples": 2, "std": 2.0, "seed": 0}
+    reference = compute_cache(tiny_model(), [str(path)], ["features"], batch_size=BATCH, progress=False, seed=0, **options)
+    assert_rows_equal_single_caches(store, {image_ids[0]: reference}, ["features"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"family": "ss-cam", "samples": 0}, "samples must be an integer >= 1"),
+        ({"family": "ss-cam", "std": -1.0}, "std .* must be a number > 0"),
+        ({"family": "ss-cam", "seed": -2}, "seed must be None .* or an integer >= 0"),
+        ({"family": "is-cam", "std": 1.0}, "IS-CAM adds no noise"),
+        ({"family": "xs-cam"}, "unknown family"),
+        ({"samples": 3}, "go with family="),
+    ],
+)
+def test_bad_family_options_are_refused_before_any_cluster(image_folder, tmp_path, options, message) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ScorecamError, match=message):  # an unreachable scheduler: never asked
+        compute_dataset(tiny_model, image_folder, LAYERS, tmp_path / "s.zarr", client="tcp://127.0.0.1:9", **options)
+    assert time.perf_counter() - started < 5 and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [(["--family", "ss-cam", "--std", "-1"], "must be a number > 0"), (["--family", "is-cam", "--seed", "3"], "IS-CAM")],
+)
+def test_the_cli_refuses_bad_family_options_before_any_cluster(image_folder, tmp_path, capsys, arguments, message) -> None:
+    argv = ["compute-dataset", "--model", "resnet18", "--weights", "none", "--images", str(image_folder),
+            "--out", str(tmp_path / "s.zarr"), "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1", *arguments]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Dask scheduler" not in error
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compute-dataset", "--images", "x", "--out", "y", "--samples", "0"])
+
+
+def test_the_cli_computes_an_is_cam_store(client, tmp_path, capsys) -> None:
+    folder = tmp_path / "pictures"
+    write_images(folder, 1, size=48)
+    store = tmp_path / "cli-is-cam.zarr"
+    argv = [
+        "compute-dataset", "--model", "mobilenet_v3_small", "--weights", "none", "--images", str(folder),
+        "--layer", "features.1", "--out", str(store), "--scheduler", client.scheduler.address,
+        "--batch-size", "8", "--family", "is-cam", "--samples", "2", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "1 image(s) computed" in capsys.readouterr().out
+    cache = load_cache(store)
+    assert cache_sampler(cache) == {"name": "is-cam", "samples": 2} and cache.attrs["family"] == "is-cam"
+    assert main(argv[:-5] + ["--no-progress"]) == 2  # resumed as Score-CAM: refused
+    assert "computed with IS-CAM, 2 samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "factory, family",
+    [(tiny_vit, {}), (tiny_vit, FAMILIES["ss-cam"]), (tiny_swin, {}), (tiny_swin, FAMILIES["is-cam"])],
+    ids=["vit", "vit-ss-cam", "swin", "swin-is-cam"],
+)
+def test_transformer_stores_equal_compute_cache(client, image_folder, image_ids, tmp_path, factory, family) -> None:
+    """torchvision's ViT (tokens) and Swin (channels-last) through the store: each image's row
+    equals compute_cache on that image, at the model's default layer, its layout recorded."""
+    paths = [image_folder / image for image in image_ids[:2]]
+    store = tmp_path / "transformer.zarr"
+    run = compute_dataset(factory, paths, None, store, client=client, batch_size=BATCH, progress=False, **family)
+    assert run.computed == image_ids[:2]
+    model = factory()
+    layer = model.default_layer
+    references = {
+        image: compute_cache(model, [str(image_folder / image)], None, batch_size=BATCH, progress=False, **family)
+        for image in image_ids[:2]
+    }
+    assert_rows_equal_single_caches(store, references, [layer], same_passes=False)
+    cache = load_cache(store)
+    assert json.loads(cache.attrs["layers"]) == [layer]
+    assert cache[layer].attrs.get("layout") == model.layout_for(layer).name != "nchw"
+    assert cache[layer]["activation"].shape == (2, *references[image_ids[0]][layer]["activation"].shape[1:])
 
 
 def test_a_worker_killed_mid_run_loses_no_image(client, image_folder, image_ids, references, tmp_path) -> None:

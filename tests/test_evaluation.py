@@ -147,6 +147,53 @@ def test_sanity_in_evaluate(tiny_model, picture_folder):
     assert result.to_json()["sanity"]["gradcam"]["randomised"][1] == "classifier"
 
 
+@pytest.mark.parametrize(
+    "family", [{"family": "is-cam", "samples": 2}, {"family": "ss-cam", "samples": 2, "std": 1.0, "seed": 3}]
+)
+def test_evaluate_a_family_member(tiny_model, picture_folder, family):
+    """Score-CAM's maps and top-k fidelity come from the family member's cache: the maps are
+    those composed from compute_cache with the same family, and the protocol names it."""
+    from scorecam_explorer.cache import cache_sampler
+    from scorecam_explorer.compose import scorecam
+    from scorecam_explorer.engine import compute_cache
+    from scorecam_explorer.metrics import topk_fidelity
+
+    result = evaluate(
+        tiny_model, picture_folder, methods="scorecam", preset="torchcam", step_fraction=0.5, keep_maps=True, **family
+    )
+    batch = model_inputs(tiny_model, collect_images(picture_folder).pictures)
+    layer = result.protocol["layer"]
+    cache = compute_cache(tiny_model, batch.tensor, layer, convention="torchcam", progress=False, **family)
+    targets = [int(t) for t in result.per_image.coords["target"].values]
+    np.testing.assert_allclose(result.maps["scorecam"].values, scorecam(cache, layer, targets, preset="torchcam").values, atol=1e-6)
+    expected = topk_fidelity(cache, layer, targets, preset="torchcam")
+    np.testing.assert_allclose(result.fidelity.values, expected.values, atol=1e-6)
+    assert result.protocol["mask_sampler"] == cache_sampler(cache)
+    assert result.protocol["family"].startswith(family["family"].upper())
+    assert result.protocol["family"] in result.table()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"preset": "official", "family": "ss-cam", "samples": 2}, r"'official' preset .*\(SS-CAM, 2 samples"),
+        ({"family": "is-cam", "sanity": True}, "the sanity check runs Score-CAM itself"),
+        ({"family": "is-cam", "std": 1.0}, "IS-CAM adds no noise"),
+        ({"family": "ss-cam", "samples": 0}, "samples must be an integer >= 1"),
+        ({"family": "ss-cam", "std": -1.0}, "must be a number > 0"),
+        ({"samples": 2}, "go with family="),
+    ],
+)
+def test_family_settings_that_do_not_apply_fail_before_any_forward_pass(tiny_model, picture_folder, settings, message):
+    from scorecam_explorer.errors import ScorecamError
+
+    calls = []
+    tiny_model.module.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ScorecamError, match=message):
+        evaluate(tiny_model, picture_folder, methods="scorecam,gradcam", **settings)
+    assert not calls
+
+
 def test_the_allocator_is_tuned_only_where_score_cam_runs(tiny_model, picture_folder, monkeypatch):
     """mallopt is process-wide and cannot be undone: Grad-CAM and the metrics never call it;
     Score-CAM does through compute_cache, unless tune_allocator=False."""
@@ -299,6 +346,9 @@ def test_bad_settings_fail_before_any_forward_pass(tiny_model, picture_folder, s
         (["--step-fraction", "0"], "step_fraction"),
         (["--batch-size", "0"], "batch_size must be a positive integer"),
         (["--methods", "scorecam", "--preset", "papr"], "unknown preset"),
+        (["--methods", "scorecam", "--preset", "official", "--family", "is-cam"], "'official' preset"),
+        (["--family", "is-cam", "--std", "1"], "IS-CAM adds no noise"),
+        (["--family", "ss-cam", "--sanity"], "the sanity check runs Score-CAM itself"),
     ],
 )
 def test_cli_bad_settings_fail_before_the_model_loads(picture_folder, tmp_path, capsys, monkeypatch, arguments, message):

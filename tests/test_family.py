@@ -3,6 +3,9 @@ cost, what the cache records, and which presets apply."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 
 import numpy as np
@@ -72,7 +75,7 @@ def our_maps(cache, classes) -> list[np.ndarray]:
 def compute(model, x, **options):
     options.setdefault("progress", False)
     options.setdefault("convention", "torchcam")
-    return compute_cache(model, x, LAYER, **options)
+    return compute_cache(model, x, options.pop("layers", LAYER), **options)
 
 
 # ---- torchcam, map for map ---------------------------------------------------------------
@@ -125,6 +128,44 @@ def test_ss_cam_torchcam_defaults(model, x):
     theirs = torchcam_maps(torchcam_methods.SSCAM, model.module, x[:1], CLASSES[1:], batch_size=32)
     np.testing.assert_allclose(our_maps(cache, CLASSES[1:])[0], theirs[0], rtol=0, atol=1e-5)
     assert cache_sampler(cache) == {"name": "ss-cam", "samples": 35, "std": 2.0}
+
+
+def test_ss_cam_with_a_seed_is_torchcam_after_manual_seed_and_leaves_the_global_generator(model, x):
+    """seed=s draws from a private generator seeded with s: torchcam's noise after
+    torch.manual_seed(s), whatever the global generator holds, which is left alone."""
+    torch.manual_seed(555)  # not what the seeded noise comes from
+    before = torch.get_rng_state()
+    cache = compute(model, x, family="ss-cam", samples=4, std=1.5, seed=31, batch_size=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(31)
+    theirs = torchcam_maps(torchcam_methods.SSCAM, model.module, x, CLASSES[:1], batch_size=16, num_samples=4, std=1.5)
+    np.testing.assert_allclose(our_maps(cache, CLASSES[:1])[0], theirs[0], rtol=0, atol=1e-5)
+    assert cache_sampler(cache) == {"name": "ss-cam", "samples": 4, "std": 1.5, "seed": 31}
+    assert json.loads(cache[LAYER].attrs["noise"]) == {"generator": "seeded", "seed": 31, "after": []}
+    again = compute(model, x, family="ss-cam", samples=4, std=1.5, seed=31, batch_size=16)
+    np.testing.assert_array_equal(again[LAYER]["masked_logits"].values, cache[LAYER]["masked_logits"].values)
+    rebuilt = sampler_from_fields(cache_sampler(cache))
+    assert isinstance(rebuilt, SSCamSampler) and rebuilt.seed == 31
+
+
+def test_ss_cam_without_a_seed_records_the_global_state_that_reproduces_each_layer(model, x, tmp_path):
+    torch.manual_seed(2024)
+    start = torch.get_rng_state()
+    cache = compute(model, x, family="ss-cam", samples=2, batch_size=16, layers=["features.2", LAYER])
+    records = {layer: json.loads(cache[layer].attrs["noise"]) for layer in ("features.2", LAYER)}
+    first = base64.b64decode(records["features.2"]["state"])
+    assert first == bytes(start.numpy().tobytes())  # the state when the first layer's noise started
+    assert records["features.2"]["state_sha256"] == hashlib.sha256(first).hexdigest()
+    assert records[LAYER]["generator"] == "global" and records[LAYER]["state"] != records["features.2"]["state"]
+    assert cache_sampler(cache) == {"name": "ss-cam", "samples": 2, "std": 2.0}  # no state in the sampler
+    # restoring the recorded state reproduces the deeper layer computed alone, bit for bit
+    saved = load_cache(save_cache(cache, tmp_path / "ss.zarr"))
+    state = json.loads(saved[LAYER].attrs["noise"])["state"]
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
+    alone = compute(model, x, family="ss-cam", samples=2, batch_size=16)
+    np.testing.assert_array_equal(alone[LAYER]["masked_logits"].values, cache[LAYER]["masked_logits"].values)
+    # deterministic members record no noise
+    assert "noise" not in compute(model, x, family="is-cam", samples=2, batch_size=16)[LAYER].attrs
 
 
 @pytest.mark.parametrize("rows, size", [(3, (5, 7)), (1, (3, 3)), (4, (4, 4)), (7, (16, 16))])
@@ -238,14 +279,18 @@ def test_names_and_labels():
         ({"family": "ss-cam", "sampler": "scorecam"}, "not both"),
         ({"family": "is-cam", "std": 1.0}, "IS-CAM adds no noise"),
         ({"family": "score-cam", "std": 1.0}, "Score-CAM adds no noise"),
+        ({"family": "is-cam", "seed": 1}, "seed is SS-CAM's noise seed; IS-CAM adds no noise"),
+        ({"family": "ss-cam", "seed": -1}, "seed must be None .* or an integer >= 0"),
+        ({"family": "ss-cam", "seed": 1.5}, "seed must be None .* or an integer >= 0"),
+        ({"seed": 3}, "samples=, std= and seed= go with family="),
         ({"family": "ss-cam", "samples": 0}, "samples must be an integer >= 1"),
         ({"family": "ss-cam", "samples": 2.5}, "samples must be an integer >= 1"),
         ({"family": "ss-cam", "samples": True}, "samples must be an integer >= 1"),
         ({"family": "score-cam", "samples": 3}, "samples=3 needs family='ss-cam' or 'is-cam'"),
         ({"family": "ss-cam", "std": 0.0}, "std .* must be a number > 0"),
         ({"family": "ss-cam", "std": float("nan")}, "std .* must be a number > 0"),
-        ({"samples": 3}, "samples= and std= go with family="),
-        ({"std": 2.0}, "samples= and std= go with family="),
+        ({"samples": 3}, "samples=, std= and seed= go with family="),
+        ({"std": 2.0}, "samples=, std= and seed= go with family="),
     ],
 )
 def test_bad_arguments_are_refused_before_any_pass(model, x, options, message):

@@ -192,6 +192,63 @@ def test_a_vit_for_64_pixel_inputs_is_probed_at_the_size_it_is_given() -> None:
     assert loaded.preprocessing.input_size == 64 and loaded.layer(VIT_LAYER).height == 8
 
 
+class WrappedViT(nn.Module):
+    """A torchvision ViT inside a module of one's own: not recognised by type, but its
+    built-for size is found inside it."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.vit = vit(image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+
+@pytest.mark.parametrize("build", [lambda: vit(32), lambda: WrappedViT(32)], ids=["vit", "wrapped-vit"])
+def test_the_explorer_given_a_plain_vit_probes_at_its_input_size(build) -> None:
+    """Explorer.from_model and Explorer(cache, model=module) with a ViT built for 32 x 32: no
+    probe at 224 ("Wrong image height!"), layers listed and added at the cache's size."""
+    from scorecam_explorer.explorer import Explorer
+    from scorecam_explorer.explorer.model_link import compute_layers
+
+    module = build()
+    inputs = inputs_for((32, 32), count=1)
+    layers = None if isinstance(module, torchvision.models.VisionTransformer) else "vit.conv_proj"
+    explorer = Explorer.from_model(module, inputs, layers, progress=False, batch_size=64)
+    prefix = "" if layers is None else "vit."
+    for link in (explorer.model, Explorer(explorer.cache, model=module).model):
+        probed = link.get().at_input((32, 32))
+        assert probed.layer(f"{prefix}conv_proj").height == 4  # 32 / patch 8, not 224 / 8
+        if layers is None:  # recognised by type: its token layers are listed
+            infos = link.layers_for(explorer.cache)
+            assert infos and all(info.height == info.width == 4 for info in infos)
+            assert f"{prefix}conv_proj" in link.uncached_layers(explorer.cache)
+    added = compute_layers(explorer.cache, explorer.model.get(), [f"{prefix}conv_proj"], progress=False)
+    assert added[f"{prefix}conv_proj"]["activation"].shape == (1, 16, 4, 4)
+
+
+def test_the_explorer_given_a_cnn_with_a_non_square_input_lists_layers_at_that_size() -> None:
+    from scorecam_explorer.explorer import Explorer
+    from scorecam_explorer.explorer.model_link import compute_layers
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    ).eval()  # fmt: skip
+    inputs = normal(1, 3, 24, 40, seed=5)
+    explorer = Explorer.from_model(module, inputs, "3", progress=False, batch_size=64)
+    assert explorer.cache["3"]["activation"].shape == (1, 6, 12, 20)
+    sizes = {info.name: (info.height, info.width) for info in explorer.model.layers_for(explorer.cache)}
+    assert sizes == {"0": (24, 40), "1": (24, 40), "2": (12, 20), "3": (12, 20), "4": (1, 1)}  # not 224 x 224
+    assert explorer.model.uncached_layers(explorer.cache) == ["0", "1", "2", "4"]
+    added = compute_layers(explorer.cache, explorer.model.get(), ["1"], progress=False)
+    assert added["1"]["activation"].shape == (1, 4, 24, 40)
+    # the same layer computed directly on the module
+    direct = compute_cache(module, inputs, "1", progress=False, batch_size=64)
+    np.testing.assert_array_equal(added["1"]["masked_logits"].values, direct["1"]["masked_logits"].values)
+
+
 def test_vit_layers_are_listed_with_their_token_layout() -> None:
     loaded = from_module(vit(), name="vit")
     names = loaded.layer_names()

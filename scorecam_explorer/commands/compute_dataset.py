@@ -1,4 +1,5 @@
-"""``scorecam-explorer compute-dataset``: Score-CAM caches of a folder of images on a Dask cluster."""
+"""``scorecam-explorer compute-dataset``: Score-CAM (or SS-CAM, IS-CAM) caches of a folder of
+images on a Dask cluster."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from scorecam_explorer.commands._common import add_convention_argument, add_model_arguments
+from scorecam_explorer.commands.compute import positive_int
 from scorecam_explorer.device import PRECISIONS
 
 if TYPE_CHECKING:
@@ -43,6 +45,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, help="worker processes of the local cluster (default: one per core, or 1 with a GPU)"
     )
     add_convention_argument(parser)
+    parser.add_argument(
+        "--family",
+        default="score-cam",
+        choices=["score-cam", "ss-cam", "is-cam"],
+        help="Score-CAM (one masked input per channel), SS-CAM (noisy masks) or IS-CAM (scaled masks); "
+        "SS-CAM and IS-CAM forward --samples inputs per channel (default: score-cam)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        metavar="S",
+        help="masked inputs per channel for ss-cam / is-cam (default: torchcam's, 35 for ss-cam, 10 for is-cam)",
+    )
+    parser.add_argument(
+        "--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="SS-CAM's noise seed: every image's noise is drawn from a generator seeded with it (default: 0)",
+    )
     parser.add_argument(
         "--batch-size", type=int, help="masked inputs per forward pass (default: measured by each worker)"
     )
@@ -96,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.workers is not None and args.scheduler != "local":
         raise ScorecamError("--workers sizes the local cluster only; a running scheduler has its own workers.")
+    from scorecam_explorer.distributed import dataset_sampler
+
+    family = dict(family=args.family, samples=args.samples, std=args.std, seed=args.seed)
+    dataset_sampler(**family)  # a bad family option fails now, before a cluster starts
     weights = None if str(args.weights).lower() == "none" else args.weights
     if weights is None:
         factory = functools.partial(random_weights_model, args.model)
@@ -118,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         connect_timeout=args.timeout,
         progress=not args.no_progress,
         tune_allocator=args.tune_allocator,
+        **family,
     )
     print(
         f"{len(run_result.computed)} image(s) computed, {len(run_result.already_complete)} already complete, "

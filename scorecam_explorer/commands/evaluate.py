@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
+from scorecam_explorer.commands.compute import positive_int
 from scorecam_explorer.methods import methods as registered_methods
 
 
@@ -37,6 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", default="paper", help="Score-CAM weighting preset (default: paper)")
     parser.add_argument(
+        "--family",
+        default=None,
+        choices=["score-cam", "ss-cam", "is-cam"],
+        help="the Score-CAM family member whose cache Score-CAM's maps come from: SS-CAM (noisy masks) or "
+        "IS-CAM (scaled masks) forward --samples inputs per channel (default: score-cam)",
+    )
+    parser.add_argument(
+        "--samples", type=positive_int, metavar="S", help="masked inputs per channel for ss-cam / is-cam"
+    )
+    parser.add_argument("--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)")
+    parser.add_argument("--seed", type=int, metavar="N", help="SS-CAM's noise seed (default: torch's global generator)")
+    parser.add_argument(
         "--keep-fraction", type=float, default=0.5, help="share of the map's top pixels kept for Average Drop (0.5)"
     )
     parser.add_argument(
@@ -65,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from scorecam_explorer.evaluation import check_settings, collect_images, evaluate, load_boxes
 
     # cheap checks first, before the model loads
+    family = {"family": args.family, "samples": args.samples, "std": args.std, "seed": args.seed}
+    if args.family is None and all(value is None for value in family.values()):
+        family = {}
     methods = check_settings(
         methods=args.methods,
         keep_fraction=args.keep_fraction,
@@ -73,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         sanity_depth=args.sanity_depth,
         batch_size=args.batch_size,
+        sanity=args.sanity,
+        **family,
     )
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -97,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         sanity_depth=args.sanity_depth,
         batch_size=args.batch_size,
         log=log,
+        **family,
     )
     print(result.table())
     result.save_json(out)

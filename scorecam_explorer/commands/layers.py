@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     layers = model.layers(listed_only=not args.all)
     default = model.default_layer
     width = max(len(layer.name) for layer in layers)
-    size = model.preprocessing.input_size
-    print(f"{model.name}: {len(layers)} targetable layers at input {size}x{size} (* = default target)")
+    height, width = model.input_hw  # the size the layers were probed at
+    print(f"{model.name}: {len(layers)} targetable layers at input {height}x{width} (* = default target)")
     print(f"  {'layer':<{width}}  channels  size")
     for layer in layers:
         mark = "*" if layer.name == default else " "

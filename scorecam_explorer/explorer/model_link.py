@@ -24,6 +24,7 @@ from scorecam_explorer.methods import LabelView, get_method
 if TYPE_CHECKING:
     from torch import nn
 
+    from scorecam_explorer.layers import LayerInfo
     from scorecam_explorer.models import LoadedModel
 
 ModelSource = Union["LoadedModel", "nn.Module", Callable[[], "LoadedModel"], None]
@@ -111,6 +112,7 @@ def compute_layers(
             "machine with native bfloat16, or recompute the cache in float32 here."
         ) from None
     inputs = torch.from_numpy(np.ascontiguousarray(cache["input"].transpose("image", "c", "h", "w").values))
+    model = model.at_input(cache_input_size(cache))  # a plain module: its layers at the cache's input size
     extra = compute_cache(
         model,
         inputs,
@@ -124,6 +126,11 @@ def compute_layers(
         image_ids=[str(name) for name in cache["image"].values],
     )
     return merge_layers(cache, extra, order=model.layer_names(listed_only=False))
+
+
+def cache_input_size(cache: xr.DataTree) -> tuple[int, int]:
+    """The (height, width) of the cache's model input."""
+    return (int(cache.sizes["h"]), int(cache.sizes["w"]))
 
 
 def cache_precision(cache: xr.DataTree) -> str:
@@ -248,4 +255,10 @@ class ModelLink:
         from scorecam_explorer.compose import cached_layers
 
         cached = set(cached_layers(cache))
-        return [name for name in self.get().layer_names() if name not in cached]
+        return [info.name for info in self.layers_for(cache) if info.name not in cached]
+
+    def layers_for(self, cache: xr.DataTree) -> list[LayerInfo]:
+        """The model's targetable (listed) layers at the cache's input size: a plain module's
+        are probed at the size of the cache's input (not a fixed 224, which a ViT built for
+        another size refuses and which gives a CNN's maps other sizes)."""
+        return self.get().at_input(cache_input_size(cache)).layers()
