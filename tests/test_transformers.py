@@ -397,3 +397,18 @@ def test_the_sanity_check_keeps_a_layout_given_with_reshape() -> None:
     for method in ("scorecam", "gradcam"):
         result = sanity_check(loaded, inputs_for((16, 16)), method=method, batch_size=8)
         assert result.attrs["layer"] == "block" and result.attrs["forward_passes"] > 0
+
+
+def test_the_explorer_given_a_module_that_runs_only_at_its_input_size() -> None:
+    """A flattening head fixes the input size: probing at 224 x 224 would fail."""
+    from scorecam_explorer.explorer import Explorer
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 20, 3),
+    ).eval()  # fmt: skip
+    inputs = normal(1, 3, 24, 40, seed=6)
+    explorer = Explorer.from_model(module, inputs, "1", progress=False, batch_size=64)
+    assert explorer.cache["1"]["activation"].shape == (1, 4, 12, 20)
+    direct = compute_cache(module, inputs, "1", progress=False, batch_size=64)
+    np.testing.assert_array_equal(explorer.cache["1"]["masked_logits"].values, direct["1"]["masked_logits"].values)

@@ -165,7 +165,7 @@ class Explorer:
         from scorecam_explorer.engine import compute_cache
         from scorecam_explorer.models import as_loaded_model, load_model
 
-        loaded = load_model(model) if isinstance(model, str) else as_loaded_model(model)
+        loaded = load_model(model) if isinstance(model, str) else as_loaded_model(model, image)
         cache = compute_cache(
             loaded, image, layers, convention=convention, progress=progress, batch_size=batch_size, precision=precision
         )
