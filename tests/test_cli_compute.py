@@ -186,6 +186,7 @@ def test_defaults_reach_compute_cache(tmp_path, recorded):
         (["--family", "ss-cam"], "family", "ss-cam"),
         (["--family", "is-cam", "--samples", "4"], "samples", 4),
         (["--family", "ss-cam", "--std", "0.5"], "std", 0.5),
+        (["--family", "ss-cam", "--seed", "7"], "seed", 7),
     ],
 )
 def test_each_flag_reaches_compute_cache(tmp_path, recorded, arguments, option, value, native_bfloat16):
@@ -239,6 +240,38 @@ def test_compute_an_is_cam_cache_from_the_command_line(tmp_path, capsys):
     assert json.loads(cache.attrs["mask_sampler"])["name"] == "is-cam"
     assert json.loads(cache.attrs["mask_sampler"])["samples"] == 3
     assert "IS-CAM" in printed.out and "(3 per channel)" in printed.out
+
+
+def test_an_ss_cam_seed_is_recorded_and_drives_the_noise(tmp_path, capsys):
+    """The command's cache equals compute_cache(seed=11) on the same weights, whatever the
+    global generator's state: the noise comes from the seed alone."""
+    import torch
+
+    from scorecam_explorer import compute_cache, load_model
+
+    out = tmp_path / "seeded.zarr"
+    torch.manual_seed(0)  # the random weights the command builds
+    status = main(
+        ["compute", *MODEL, "--image", "sample:chelsea", "--layer", "features.1", "--family", "ss-cam",
+         "--samples", "2", "--seed", "11", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    )
+    assert status == 0, capsys.readouterr().err
+    cache = load_cache(out)
+    assert json.loads(cache.attrs["mask_sampler"])["seed"] == 11
+    torch.manual_seed(0)
+    model = load_model("mobilenet_v3_small", weights=None)
+    torch.manual_seed(12345)  # another global state: it must not matter
+    expected = compute_cache(model, "sample:chelsea", "features.1", family="ss-cam", samples=2, seed=11, batch_size=16, progress=False)
+    np.testing.assert_array_equal(cache["features.1"]["masked_logits"].values, expected["features.1"]["masked_logits"].values)
+
+
+def test_seed_without_ss_cam_is_refused(tmp_path, capsys):
+    status = main(
+        ["compute", *MODEL, "--image", "sample:chelsea", "--family", "is-cam", "--seed", "1", "--no-progress",
+         "--out", str(tmp_path / "c.zarr")]
+    )
+    assert status == 2
+    assert "seed" in capsys.readouterr().err
 
 
 def test_std_without_ss_cam_is_refused(tmp_path, capsys):

@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)"
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="SS-CAM's noise seed, recorded in the cache (default: torch's global generator, whose state is recorded)",
+    )
+    parser.add_argument(
         "--batch-size",
         type=positive_int,
         metavar="N",
@@ -112,13 +118,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def family_options(args: argparse.Namespace) -> dict[str, object]:
     """``compute_cache``'s family arguments, only where the command line set them (a plain
     Score-CAM call stays the default call)."""
-    if args.family == "score-cam" and args.samples is None and args.std is None:
+    if args.family == "score-cam" and args.samples is None and args.std is None and args.seed is None:
         return {}
     options: dict[str, object] = {"family": args.family}
     if args.samples is not None:
         options["samples"] = args.samples
     if args.std is not None:
         options["std"] = args.std
+    if args.seed is not None:
+        options["seed"] = args.seed
     return options
 
 
