@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -44,6 +44,9 @@ from scorecam_explorer._version import __version__
 from scorecam_explorer.cache import cache_layers
 from scorecam_explorer.dataset_store import complete_rows, open_dataset, opened_from
 from scorecam_explorer.errors import CacheError, ScorecamError, UnknownLayerError, did_you_mean
+
+if TYPE_CHECKING:
+    from scorecam_explorer.presets import Preset
 
 __all__ = [
     "INDEX_FORMAT",
@@ -82,9 +85,14 @@ def index_folder(store: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".atlas-index")
 
 
+def _folder_name(name: str) -> bool:
+    """Whether ``name`` (a layer or preset) can name a folder of the index: not empty, hidden or a path."""
+    return bool(name) and not name.startswith(".") and "/" not in name and os.sep not in name
+
+
 def _layer_preset_folder(store: str | os.PathLike[str], layer: str, preset: str) -> Path:
     for name in (layer, preset):
-        if not name or name.startswith(".") or "/" in name or os.sep in name:
+        if not _folder_name(name):
             raise ScorecamError(f"{name!r} cannot name an atlas index folder (empty, hidden or a path).")
     return index_folder(store) / layer / preset
 
@@ -126,6 +134,8 @@ def _shape(name: str, sizes: dict[str, int], images: int) -> tuple[int, ...]:
 
 def _read(store: Path, tree: xr.DataTree, layer: str, preset: str) -> tuple[IndexStatus, dict[str, np.ndarray] | None]:
     """(status, the arrays by memory map when fresh) of the index of ``tree``'s complete rows."""
+    if not (_folder_name(layer) and _folder_name(preset)):
+        return "missing", None  # a layer name that no index can have
     folder = _layer_preset_folder(store, layer, preset)
     manifest_file = folder / "manifest.json"
     if not folder.is_dir():
@@ -168,17 +178,19 @@ def indexed_arrays(store: str | os.PathLike[str], tree: xr.DataTree, layer: str,
     return _read(Path(store), tree, layer, preset)[1]
 
 
-def index_status(data: str | os.PathLike[str] | xr.DataTree, layer: str, preset: str = "paper") -> IndexStatus:
+def index_status(data: str | os.PathLike[str] | xr.DataTree, layer: str, preset: str | Preset = "paper") -> IndexStatus:
     """``"fresh"``, ``"stale"`` or ``"missing"``: the atlas index of a store for ``layer`` and ``preset``.
 
     ``data`` is the store's path (its complete rows now: opening reads the ``complete``
     flags) or a tree :func:`~scorecam_explorer.dataset_store.open_dataset` returned (its
     complete rows when opened; nothing read but the manifest). A tree of another origin has
-    no index: ``"missing"``. A damaged index is ``"stale"`` (with a warning).
+    no index: ``"missing"``; so has a preset object that is not the registered one of its name.
+    A damaged index is ``"stale"`` (with a warning).
     """
-    from scorecam_explorer.presets import get_preset
+    from scorecam_explorer.presets import PRESETS, get_preset
 
-    preset = get_preset(preset).name
+    chosen = get_preset(preset)
+    registered = PRESETS.get(chosen.name) is chosen
     if isinstance(data, xr.DataTree):
         store = opened_from(data)
         whole = data
@@ -188,12 +200,10 @@ def index_status(data: str | os.PathLike[str] | xr.DataTree, layer: str, preset:
     else:
         raise CacheError(f"expected a dataset store path or the tree open_dataset returned, not {type(data).__name__}.")
     _check_layer(whole, layer)
-    if store is None:
-        return "missing"
     tree = complete_rows(whole)
-    if tree.sizes.get("image", 0) == 0:
+    if store is None or not registered or tree.sizes.get("image", 0) == 0:
         return "missing"
-    return _read(store, tree, layer, preset)[0]
+    return _read(store, tree, layer, chosen.name)[0]
 
 
 def _check_layer(tree: xr.DataTree, layer: str) -> None:

@@ -177,6 +177,7 @@ def test_another_preset_or_a_changed_tree_is_scanned(store, cache) -> None:
         channel_softmax = False
 
     mine = Unsoftened()
+    assert index_status(store, LAYER, mine) == "missing" and index_status(store, LAYER, "paper") == "fresh"
     answer = class_channels(store, LAYER, 1, k=5, preset=mine)
     assert answer.attrs["source"] == "scan"
     xr.testing.assert_identical(answer, class_channels(cache, LAYER, 1, k=5, preset=mine))
