@@ -26,6 +26,15 @@ weights for every class, (K x C) per image; :func:`atlas_tables` returns what it
 the three functions reuse it for the same data, layer and preset (remembered while the data
 object lives). On a dataset store, only its complete images are used; ``attrs["pending"]``
 says how many rows are not computed yet.
+
+A dataset store (its path, or the tree :func:`~scorecam_explorer.dataset_store.open_dataset`
+returned, unchanged) with a fresh atlas index (:mod:`scorecam_explorer.atlas_index`) is
+answered from the index instead: the same tables, read by memory map, so a question reads
+only the rows it shows. Fresh means built from exactly these complete images, this layer
+and preset, and the store's current attributes; it is checked on every call, and anything
+else is scanned. ``attrs["source"]`` says which answered: ``"index"`` or ``"scan"`` (the
+weights for a chosen class in :func:`channel_examples` are never in the index: N x C numbers
+per class; they are always scanned).
 """
 
 from __future__ import annotations
@@ -33,21 +42,25 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Union
 
 import numpy as np
 import xarray as xr
 
 from scorecam_explorer.cache import cache_layers, cache_sampler, convention_fields
-from scorecam_explorer.dataset_store import complete_rows, open_dataset
+from scorecam_explorer.atlas_index import indexed_arrays
+from scorecam_explorer.dataset_store import complete_rows, open_dataset, opened_from
 from scorecam_explorer.errors import CacheError, ScorecamError, UnknownLayerError, did_you_mean
 from scorecam_explorer.kernels import engine_mask, log_normalizer, preset_weights, rank_order, target_scores
-from scorecam_explorer.presets import Preset, check_preset_applies, get_preset
+from scorecam_explorer.presets import PRESETS, Preset, check_preset_applies, get_preset
 from scorecam_explorer.targets import class_index
 
-__all__ = ["EXAMPLE_ORDERS", "atlas_tables", "channel_examples", "channel_profile", "class_channels"]
+__all__ = ["EXAMPLE_ORDERS", "atlas_tables", "channel_examples", "channel_profile", "class_channels", "scan_tables"]
 
 Data = Union[str, os.PathLike, xr.DataTree]
+OnImage = Callable[[int, int], None]
 ClassTarget = Union[int, str, None]
 EXAMPLE_ORDERS = ("weight", "activation")
 """What :func:`channel_examples` ranks images by."""
@@ -68,13 +81,26 @@ def atlas_tables(data: Data, layer: str, *, preset: str | Preset = "paper") -> x
     * ``weight_mean`` (channel, class) m_kc, float64,
 
     with coordinates ``image`` (ids), ``channel``, ``class`` and ``class_name``, and attrs
-    ``layer``, ``preset``, ``images`` (N) and ``pending`` (rows of a store not complete yet).
-    Reads each image's masked outputs once; the result is remembered for this data object,
-    layer and preset.
+    ``layer``, ``preset``, ``images`` (N), ``pending`` (rows of a store not complete yet) and
+    ``source`` (``"index"`` or ``"scan"``). Reads each image's masked outputs once, unless a
+    fresh atlas index answers; the result is remembered for this data object, layer and preset.
     """
     source = _Source.open(data, layer)
     chosen = check_preset_applies(get_preset(preset), cache_sampler(source.tree))
     return source.tables(chosen)
+
+
+def scan_tables(
+    data: Data, layer: str, presets: Sequence[str | Preset] = ("paper",), *, on_image: OnImage | None = None
+) -> list[xr.Dataset]:
+    """:func:`atlas_tables` for each of ``presets`` from one scan, never from an index or memory.
+
+    The masked outputs are read once and the target scores computed once per image for every
+    preset. ``on_image(done, total)`` is called after each image.
+    """
+    source = _Source.open(data, layer)
+    chosen = [check_preset_applies(get_preset(preset), cache_sampler(source.tree)) for preset in presets]
+    return source._scan(chosen, on_image)
 
 
 def channel_examples(
@@ -214,6 +240,7 @@ class _Source:
         self.channels = int(self.node.sizes["channel"])
         names = tree["class_name"].values if "class_name" in tree.dataset.coords else range(tree.sizes["class"])
         self.class_names = [str(name) for name in names]
+        self.answered_by = "scan"  # "index" once tables() read a fresh atlas index
 
     @classmethod
     def open(cls, data: Data, layer: str) -> _Source:
@@ -246,26 +273,37 @@ class _Source:
         return None if target is None else class_index(target, self.class_names)
 
     def attrs(self, preset: Preset) -> dict[str, object]:
-        return {"layer": self.layer, "preset": preset.name, "images": self.images, "pending": self.pending}
+        return {
+            "layer": self.layer,
+            "preset": preset.name,
+            "images": self.images,
+            "pending": self.pending,
+            "source": self.answered_by,
+        }
 
     def tables(self, preset: Preset) -> xr.Dataset:
-        """:meth:`_scan`, remembered for the data object passed in while it lives.
+        """The store's fresh atlas index if it has one, else :meth:`_scan`, remembered for the
+        data object passed in while it lives.
 
         The key holds what the tables depend on and can be checked without reading data: the
-        layer, the preset, the complete images' ids and the identity of every array read (a
-        variable replaced in the cache, or a row completed in a store, gives a new key).
+        layer, the preset object (two presets may share a name), the complete images' ids and
+        the identity of every array read (a variable replaced in the cache, or a row completed
+        in a store, gives a new key).
         """
         whole = self.data if isinstance(self.data, xr.DataTree) else self.tree
         arrays = [whole[self.layer][name].variable for name in ("masked_logits", "activation", "constant")]
         arrays += [whole[name].variable for name in ("logits", "baseline_logits")]
-        key = (self.layer, preset.name, tuple(np.asarray(self.tree["image"].values).astype(str)), *(id(a._data) for a in arrays))
+        key = (self.layer, preset, tuple(np.asarray(self.tree["image"].values).astype(str)), *(id(a._data) for a in arrays))
+        indexed = self._indexed(preset)
+        if indexed is not None:
+            return indexed
         if not isinstance(self.data, xr.DataTree):  # a path is opened afresh by every call: nothing to remember
-            return self._scan(preset)
+            return self._scan([preset])[0]
         with _remembered_lock:
             known = _remembered.get(id(self.data), {}).get(key)
         if known is not None:
             return known
-        tables = self._scan(preset)
+        tables = self._scan([preset])[0]
         with _remembered_lock:
             if id(self.data) not in _remembered:
                 weakref.finalize(self.data, _forget, id(self.data))
@@ -273,8 +311,25 @@ class _Source:
             _remembered[id(self.data)] = {**{k: v for k, v in _remembered[id(self.data)].items() if k[:2] != key[:2]}, key: tables}
         return tables
 
+    def _indexed(self, preset: Preset) -> xr.Dataset | None:
+        """The tables from the store's atlas index when it is fresh for these images; else None.
+
+        Only a registered preset (a preset object of another definition may share its name)
+        and only data known to come from a store: its path, or a tree ``open_dataset`` returned
+        and nobody changed since.
+        """
+        store = opened_from(self.data) if isinstance(self.data, xr.DataTree) else Path(self.data)
+        if store is None or PRESETS.get(preset.name) is not preset:
+            return None
+        arrays = indexed_arrays(store, self.tree, self.layer, preset.name)
+        if arrays is None:
+            return None
+        self.answered_by = "index"
+        return self._as_tables(arrays, preset)
+
     def class_weights(self, preset: Preset, target: int) -> np.ndarray:
-        """w_ikc for one class c in every image: (image, channel)."""
+        """w_ikc for one class c in every image: (image, channel); always a scan."""
+        self.answered_by = "scan"
         logits = np.asarray(self.tree["logits"].values)
         masked = self.node["masked_logits"]
         constant = np.asarray(self.node["constant"].values, dtype=bool)
@@ -291,16 +346,17 @@ class _Source:
         size = (int(self.tree.dataset.sizes["y"]), int(self.tree.dataset.sizes["x"]))
         return engine_mask(values, size, convention_fields(self.tree), constant)
 
-    def _scan(self, preset: Preset) -> xr.Dataset:
-        """One pass over the images: u, t, a, the constant flags and the sum of w over images."""
+    def _scan(self, presets: Sequence[Preset], on_image: OnImage | None = None) -> list[xr.Dataset]:
+        """One pass over the images: u, t, a, the constant flags and the sum of w over images,
+        for each preset (the masked outputs read and the target scores computed once)."""
         logits = np.asarray(self.tree["logits"].values, dtype=np.float64)
         baseline = np.asarray(self.tree["baseline_logits"].values)
         own_target = logits.argmax(axis=-1)
         n_classes = logits.shape[-1]
-        own_weight = np.empty((self.images, self.channels), dtype=np.float64)
+        own_weight = [np.empty((self.images, self.channels), dtype=np.float64) for _ in presets]
         peak = np.empty((self.images, self.channels), dtype=np.float64)
         constant = np.empty((self.images, self.channels), dtype=bool)
-        weight_sum = np.zeros((self.channels, n_classes), dtype=np.float64)
+        weight_sum = [np.zeros((self.channels, n_classes), dtype=np.float64) for _ in presets]
         every_class = np.arange(n_classes)
         for image in range(self.images):
             row = self.node.isel(image=image)
@@ -317,18 +373,39 @@ class _Source:
                 rows=np.zeros(n_classes, dtype=np.int64),
                 normalizer=lambda normalizer=normalizer: np.broadcast_to(normalizer, (n_classes, self.channels)),
             )
-            weights = preset_weights(preset, scores, layer=self.layer)  # (class, channel)
-            weight_sum += weights.T
-            own_weight[image] = weights[own_target[image]]
+            for number, preset in enumerate(presets):
+                weights = preset_weights(preset, scores, layer=self.layer)  # (class, channel)
+                weight_sum[number] += weights.T
+                own_weight[number][image] = weights[own_target[image]]
             constant[image] = flags
             peak[image] = np.asarray(row["activation"].values, dtype=np.float64).max(axis=(-2, -1))
+            if on_image is not None:
+                on_image(image + 1, self.images)
+        self.answered_by = "scan"
+        return [
+            self._as_tables(
+                {
+                    "own_weight": own_weight[number],
+                    "own_target": own_target.astype(np.int64),
+                    "activation_peak": peak,
+                    "constant": constant,
+                    "weight_mean": weight_sum[number] / self.images,
+                },
+                preset,
+            )
+            for number, preset in enumerate(presets)
+        ]
+
+    def _as_tables(self, arrays: dict[str, np.ndarray], preset: Preset) -> xr.Dataset:
+        """The tables Dataset of :func:`atlas_tables` around ``arrays`` (scanned, or memory maps)."""
+        n_classes = arrays["weight_mean"].shape[-1]
         tables = xr.Dataset(
             {
-                "own_weight": (("image", "channel"), own_weight),
-                "own_target": ("image", own_target.astype(np.int64)),
-                "activation_peak": (("image", "channel"), peak),
-                "constant": (("image", "channel"), constant),
-                "weight_mean": (("channel", "class"), weight_sum / self.images),
+                "own_weight": (("image", "channel"), arrays["own_weight"]),
+                "own_target": ("image", arrays["own_target"]),
+                "activation_peak": (("image", "channel"), arrays["activation_peak"]),
+                "constant": (("image", "channel"), arrays["constant"]),
+                "weight_mean": (("channel", "class"), arrays["weight_mean"]),
             },
             coords={
                 "image": np.asarray(self.tree["image"].values).astype(str),

@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ __all__ = [
     "existing_store_attrs",
     "finalize_store",
     "open_dataset",
+    "opened_from",
     "resume_rows",
     "select_image",
     "skip_record",
@@ -426,7 +429,9 @@ def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -
 
     ``complete_only`` keeps only the images whose row is complete (all of them in a finished
     store; an interrupted one also has rows not yet computed, which hold NaN). Nothing but the
-    ``complete`` flags is read until you compute something.
+    ``complete`` flags is read until you compute something; they are read into memory now, so
+    the tree keeps the complete rows it was opened with (open the store again to see rows
+    completed since). The tree remembers the store it came from (:func:`opened_from`).
     """
     source = Path(store)
     if not source.is_dir():
@@ -436,7 +441,55 @@ def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -
     except Exception as error:  # noqa: BLE001 - zarr/xarray raise many types for a bad store
         raise CacheError(f"{source} is not a readable cache: {type(error).__name__}: {error}") from None
     tree = validate_cache(with_plain_strings(tree), check_values=False)
-    return complete_rows(tree) if complete_only else tree
+    if "complete" in tree.dataset.data_vars:
+        # Read once, here, into memory: the tree's set of complete rows is the one it was opened
+        # with (reading 1000 one-row chunks again on every question would take a second).
+        import zarr
+
+        flags = np.asarray(zarr.open_group(str(source), mode="r", zarr_format=3)["complete"][:], dtype=bool)
+        tree.dataset = tree.dataset.assign(complete=tree["complete"].variable.copy(data=flags))
+    tree = complete_rows(tree) if complete_only else tree
+    _remember_source(tree, source)
+    return tree
+
+
+# Trees open_dataset returned: id(tree) -> (the store's folder, every variable's data and the
+# root attributes as they were then). An entry is dropped when its tree is collected.
+_opened: dict[int, tuple[Path, dict[tuple[str, str], object], dict[str, Any]]] = {}
+_opened_lock = threading.Lock()
+
+
+def _held_data(tree: xr.DataTree) -> dict[tuple[str, str], object]:
+    return {(node.path, name): variable._data for node in tree.subtree for name, variable in node.dataset.variables.items()}
+
+
+def _remember_source(tree: xr.DataTree, source: Path) -> None:
+    entry = (source.absolute(), _held_data(tree), dict(tree.attrs))
+    with _opened_lock:
+        if id(tree) not in _opened:
+            weakref.finalize(tree, _forget_source, id(tree))
+        _opened[id(tree)] = entry
+
+
+def _forget_source(identity: int) -> None:
+    with _opened_lock:
+        _opened.pop(identity, None)
+
+
+def opened_from(tree: xr.DataTree) -> Path | None:
+    """The dataset store :func:`open_dataset` opened ``tree`` from, while ``tree`` still holds
+    exactly what it held then (no variable replaced, added, removed or loaded into memory, the
+    same root attributes); None otherwise, and for any other tree. A tree derived from it
+    (``isel``, ``copy``...) is another tree: None."""
+    with _opened_lock:
+        entry = _opened.get(id(tree))
+    if entry is None:
+        return None
+    source, held, attrs = entry
+    now = _held_data(tree)
+    if now.keys() != held.keys() or any(now[key] is not held[key] for key in held) or dict(tree.attrs) != attrs:
+        return None
+    return source
 
 
 def complete_rows(tree: xr.DataTree) -> xr.DataTree:

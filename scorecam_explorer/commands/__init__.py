@@ -11,6 +11,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "map",
     "compute",
     "compute_dataset",
+    "atlas_index",
     "evaluate",
     "app",
 )
