@@ -57,7 +57,15 @@ from scorecam_explorer.kernels import engine_mask, log_normalizer, preset_weight
 from scorecam_explorer.presets import PRESETS, Preset, check_preset_applies, get_preset
 from scorecam_explorer.targets import class_index
 
-__all__ = ["EXAMPLE_ORDERS", "atlas_tables", "channel_examples", "channel_profile", "class_channels", "scan_tables"]
+__all__ = [
+    "EXAMPLE_ORDERS",
+    "atlas_tables",
+    "channel_examples",
+    "channel_profile",
+    "class_channels",
+    "scan_tables",
+    "tables_ready",
+]
 
 Data = Union[str, os.PathLike, xr.DataTree]
 OnImage = Callable[[int, int], None]
@@ -70,7 +78,9 @@ _remembered: dict[int, dict[tuple[object, ...], xr.Dataset]] = {}
 _remembered_lock = threading.Lock()
 
 
-def atlas_tables(data: Data, layer: str, *, preset: str | Preset = "paper") -> xr.Dataset:
+def atlas_tables(
+    data: Data, layer: str, *, preset: str | Preset = "paper", on_image: OnImage | None = None
+) -> xr.Dataset:
     r"""The per-image and per-class tables of the module docstring, from one scan of the images.
 
     Returns a Dataset with dims (image, channel, class):
@@ -84,10 +94,23 @@ def atlas_tables(data: Data, layer: str, *, preset: str | Preset = "paper") -> x
     ``layer``, ``preset``, ``images`` (N), ``pending`` (rows of a store not complete yet) and
     ``source`` (``"index"`` or ``"scan"``). Reads each image's masked outputs once, unless a
     fresh atlas index answers; the result is remembered for this data object, layer and preset.
+    ``on_image(done, total)`` is called after each image a scan reads (for a progress display).
     """
     source = _Source.open(data, layer)
     chosen = check_preset_applies(get_preset(preset), cache_sampler(source.tree))
-    return source.tables(chosen)
+    return source.tables(chosen, on_image)
+
+
+def tables_ready(data: Data, layer: str, *, preset: str | Preset = "paper") -> bool:
+    """Whether :func:`atlas_tables` can answer without reading every image from disk: the
+    data is in memory, its tables are remembered, or the store's atlas index is fresh.
+
+    For a caller (the explorer) that must not start a scan of a large store unasked. Reads
+    nothing but the index's manifest.
+    """
+    source = _Source.open(data, layer)
+    chosen = check_preset_applies(get_preset(preset), cache_sampler(source.tree))
+    return source.ready(chosen)
 
 
 def scan_tables(
@@ -281,7 +304,7 @@ class _Source:
             "source": self.answered_by,
         }
 
-    def tables(self, preset: Preset) -> xr.Dataset:
+    def tables(self, preset: Preset, on_image: OnImage | None = None) -> xr.Dataset:
         """The store's fresh atlas index if it has one, else :meth:`_scan`, remembered for the
         data object passed in while it lives.
 
@@ -290,26 +313,47 @@ class _Source:
         the identity of every array read (a variable replaced in the cache, or a row completed
         in a store, gives a new key).
         """
-        whole = self.data if isinstance(self.data, xr.DataTree) else self.tree
-        arrays = [whole[self.layer][name].variable for name in ("masked_logits", "activation", "constant")]
-        arrays += [whole[name].variable for name in ("logits", "baseline_logits")]
-        key = (self.layer, preset, tuple(np.asarray(self.tree["image"].values).astype(str)), *(id(a._data) for a in arrays))
+        key = self._key(preset)
         indexed = self._indexed(preset)
         if indexed is not None:
             return indexed
         if not isinstance(self.data, xr.DataTree):  # a path is opened afresh by every call: nothing to remember
-            return self._scan([preset])[0]
+            return self._scan([preset], on_image)[0]
         with _remembered_lock:
             known = _remembered.get(id(self.data), {}).get(key)
         if known is not None:
             return known
-        tables = self._scan([preset])[0]
+        tables = self._scan([preset], on_image)[0]
         with _remembered_lock:
             if id(self.data) not in _remembered:
                 weakref.finalize(self.data, _forget, id(self.data))
                 _remembered[id(self.data)] = {}
             _remembered[id(self.data)] = {**{k: v for k, v in _remembered[id(self.data)].items() if k[:2] != key[:2]}, key: tables}
         return tables
+
+    def ready(self, preset: Preset) -> bool:
+        """See :func:`tables_ready`."""
+        whole = self.data if isinstance(self.data, xr.DataTree) else self.tree
+        if isinstance(self.data, xr.DataTree) and all(variable._in_memory for variable in self._variables(whole)):
+            return True
+        with _remembered_lock:
+            if self._key(preset) in _remembered.get(id(self.data), {}):
+                return True
+        store = opened_from(self.data) if isinstance(self.data, xr.DataTree) else Path(self.data)
+        if store is None or PRESETS.get(preset.name) is not preset:
+            return False
+        return indexed_arrays(store, self.tree, self.layer, preset.name) is not None
+
+    def _variables(self, whole: xr.DataTree) -> list[xr.Variable]:
+        """The arrays the tables are computed from."""
+        arrays = [whole[self.layer][name].variable for name in ("masked_logits", "activation", "constant")]
+        return arrays + [whole[name].variable for name in ("logits", "baseline_logits")]
+
+    def _key(self, preset: Preset) -> tuple[object, ...]:
+        """What the tables depend on, checked without reading data (see :meth:`tables`)."""
+        whole = self.data if isinstance(self.data, xr.DataTree) else self.tree
+        images = tuple(np.asarray(self.tree["image"].values).astype(str))
+        return (self.layer, preset, images, *(id(variable._data) for variable in self._variables(whole)))
 
     def _indexed(self, preset: Preset) -> xr.Dataset | None:
         """The tables from the store's atlas index when it is fresh for these images; else None.

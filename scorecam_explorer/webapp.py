@@ -568,11 +568,18 @@ def is_dataset_store(path: str | os.PathLike[str]) -> bool:
     return attributes.get("dataset_store") == DATASET_STORE
 
 
-def prepare_dataset(path: str | os.PathLike[str], *, log: Callable[[str], None] = print, report: Reporter | None = None) -> PreparedCache:
+def prepare_dataset(
+    path: str | os.PathLike[str],
+    *,
+    log: Callable[[str], None] = print,
+    report: Reporter | None = None,
+    atlas_index: bool = True,
+) -> PreparedCache:
     """Check the dataset store the app will serve (:func:`check_dataset_store`) and say how
-    many images it holds and how many are pending. Nothing of its arrays is read: the pages
-    open it lazily (:func:`open_for_app`). ``status`` is ``"dataset"``; ``notes`` holds the
-    line said."""
+    many images it holds and how many are pending; with ``atlas_index``, build its atlas index
+    where it is not fresh (:func:`index_dataset_for_app`: the one time every image is read).
+    Otherwise nothing of its arrays is read: the pages open it lazily (:func:`open_for_app`).
+    ``status`` is ``"dataset"``; ``notes`` holds the lines said."""
     from scorecam_explorer.cache import recorded_layers
 
     store = Path(path).expanduser()
@@ -583,7 +590,46 @@ def prepare_dataset(path: str | os.PathLike[str], *, log: Callable[[str], None] 
     line = rows.describe(store)
     log(line)
     report(AppStatus("loading", line[0].upper() + line[1:]))
-    return PreparedCache(store, "dataset", recorded_layers(attributes), model_name=str(attributes.get("model_name", "")), notes=[line])
+    notes = [line]
+    if atlas_index:
+        indexed = index_dataset_for_app(store, log=log, report=report)
+        if indexed:
+            notes.append(indexed)
+    return PreparedCache(store, "dataset", recorded_layers(attributes), model_name=str(attributes.get("model_name", "")), notes=notes)
+
+
+def index_dataset_for_app(store: Path, *, log: Callable[[str], None] = print, report: Reporter | None = None) -> str:
+    """Build the store's atlas index (every layer, the ``paper`` preset) where it is not fresh,
+    so that the Atlas panel of every page opens at once instead of reading every image.
+
+    Nothing is built for a store of one complete image (no atlas) or when the folder beside
+    the store cannot be written (then each page offers to read the images itself). Returns a
+    line for the terminal and the page ("" when the index was fresh already).
+    """
+    from scorecam_explorer.atlas_index import index_folder, plan_atlas_index, run_plan
+
+    report = report or (lambda status: None)
+    plan = plan_atlas_index(store)
+    if plan.images < 2 or not plan.scans:
+        return ""
+    folder = index_folder(store)
+    if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+        line = f"the atlas index cannot be written at {folder} (no permission); the Atlas panel reads the images when asked"
+        log(line)
+        return line
+    log(plan.describe())
+    total = plan.images * plan.scans
+    step = max(1, total // 100)
+
+    def progress(done: int, count: int) -> None:
+        if done == count or done % step == 0:
+            report(AppStatus("computing", f"Atlas index: image {done} of {count}", done=done, total=count))
+
+    started = time.perf_counter()
+    run_plan(plan, progress=False, on_progress=progress)
+    line = f"atlas index built in {time.perf_counter() - started:.0f} s ({plan.images} images, {plan.scans} layer(s)) at {folder}"
+    log(line)
+    return line
 
 
 def open_for_app(path: str | os.PathLike[str]) -> tuple[xr.DataTree, str]:

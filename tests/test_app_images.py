@@ -286,12 +286,12 @@ def pending_store(store, tmp_path) -> Path:
 
 
 def test_a_store_is_checked_and_counted_without_reading_its_arrays(store, pending_store) -> None:
-    prepared = webapp.prepare_dataset(store, log=quiet)
+    prepared = webapp.prepare_dataset(store, log=quiet, atlas_index=False)
     assert prepared.status == "dataset" and prepared.layers == LAYERS and prepared.tree is None
     assert "4 of 4 images complete" in prepared.notes[0] and "pending" not in prepared.notes[0]
     statuses: list[AppStatus] = []
     lines: list[str] = []
-    pending = webapp.prepare_dataset(pending_store, log=lines.append, report=statuses.append)
+    pending = webapp.prepare_dataset(pending_store, log=lines.append, report=statuses.append, atlas_index=False)
     assert "2 of 4 images complete; 2 pending" in lines[0]
     assert any("2 pending" in status.message for status in statuses)
 
@@ -369,11 +369,39 @@ def test_the_explorer_of_a_store_reads_only_the_picture_it_shows(pending_store, 
     assert explorer.controls.image.layout.display != "none" and [o[0] for o in explorer.controls.image.options] == [
         "image-00.png", "image-02.png"
     ]
-    assert rows_read(reads.take(), PER_IMAGE) == {0}  # store row 0: the picture shown
+    assert rows_read(reads.take(), PER_IMAGE) == {0}  # store row 0: the picture shown (no atlas index: no scan)
+    assert explorer.atlas.deferred.layout.display is None  # the Atlas waits for its button
     explorer.state.update(image=1)
     assert rows_read(reads.take(), PER_IMAGE) == {2}  # store row 2 is the second complete picture
     children = app_page_module.shown(explorer)
     assert len(children) == 2 and "2 pending" in children[0].value and children[1] is explorer.widget
+
+
+def test_the_app_builds_the_atlas_index_so_pages_read_only_what_they_show(pending_store, monkeypatch) -> None:
+    """prepare_dataset builds the atlas index (the one full read); a page then reads the
+    masked outputs of the picture it shows only, and the Atlas's thumbnails' rows."""
+    statuses: list[AppStatus] = []
+    prepared = webapp.prepare_dataset(pending_store, log=quiet, report=statuses.append)
+    assert any(status.state == "computing" and "Atlas index" in status.message for status in statuses)
+    assert any("atlas index built" in note for note in prepared.notes)
+    again = webapp.prepare_dataset(pending_store, log=quiet)  # fresh now: nothing rebuilt
+    assert not any("atlas index" in note for note in again.notes)
+
+    reads = ChunkReads(monkeypatch)
+    tree, note = webapp.open_for_app(pending_store)
+    explorer = app_page_module.explorer_of(tree, note, spec=app_page_module.ModelSpec("", "none"))
+    assert explorer.atlas.deferred.layout.display == "none"  # drawn at once, from the index
+    chunks = reads.take()
+    masked = tuple(f"{layer}/masked_logits" for layer in LAYERS)
+    assert rows_read(chunks, masked) == {0}  # the map of the picture shown, nothing for the atlas
+    assert rows_read(chunks, PER_IMAGE) <= {0, 2}  # thumbnails: pictures and activations of complete rows
+
+
+def test_no_atlas_index_needs_a_dataset(capsys) -> None:
+    from scorecam_explorer.cli import main
+
+    assert main(["app", "--no-atlas-index", "--no-browser"]) == 2
+    assert "--no-atlas-index applies to --dataset only" in capsys.readouterr().err
 
 
 def test_the_explorer_of_a_store_shows_what_the_store_holds(store) -> None:

@@ -204,3 +204,15 @@ def test_remembered_tables_are_dropped_with_their_cache(cache) -> None:
 def test_bad_input_is_refused_clearly(cache, call, error, message) -> None:
     with pytest.raises(error, match=message):
         call(cache)
+
+
+def test_tables_ready_says_when_an_answer_would_read_every_image(cache, store) -> None:
+    from scorecam_explorer.atlas import tables_ready
+    from scorecam_explorer.dataset_store import open_dataset
+
+    assert tables_ready(cache, LAYER)  # in memory: nothing to read from disk
+    lazy = open_dataset(store)
+    assert not tables_ready(lazy, LAYER) and not tables_ready(lazy, LAYER, preset="torchcam")
+    atlas_tables(lazy, LAYER)
+    assert tables_ready(lazy, LAYER)  # remembered for this tree
+    assert not tables_ready(lazy, LAYER, preset="torchcam")  # another preset is another scan

@@ -242,11 +242,38 @@ def test_going_back_reads_nothing_again(explorer, monkeypatch) -> None:
     assert calls == []
 
 
-def test_a_lazily_opened_cache(cache, tmp_path) -> None:
+def test_a_lazily_opened_store_waits_for_the_button_before_reading_every_picture(cache, tmp_path, monkeypatch) -> None:
+    """Opening the explorer on a store without an atlas index reads no picture's masked
+    outputs for the atlas; the button reads them all once, with progress, and draws it."""
     path = save_cache(cache, tmp_path / "set.zarr")
     lazy = open_dataset(path)
     assert lazy["features.4"]["masked_logits"].chunks is not None  # dask-backed
+    scans = []
+    original = atlas._Source._scan
+    monkeypatch.setattr(atlas._Source, "_scan", lambda self, *a, **k: scans.append(1) or original(self, *a, **k))
     explorer = Explorer(lazy)
+    panel = explorer.atlas
+    assert scans == [] and panel.deferred.layout.display is None and panel.figures.layout.display == "none"
+    assert "atlas-index" in panel.read_text.value and f"{IMAGES} pictures" in panel.read_text.value
+    progress = []
+    monkeypatch.setattr(panel, "_show_reading", lambda done, total: progress.append((done, total)))
+    panel.read_pictures()
+    assert scans == [1] and progress[-1] == (IMAGES, IMAGES)
+    assert panel.deferred.layout.display == "none" and panel.figures.layout.display is None
+    layer, channel = explorer.state.selection.layer, explorer.state.selection.channel
+    assert shown_order(explorer, cache) == descending(own_weights(cache, layer, channel))[:9].tolist()
+    explorer.state.update(channel=(channel + 1) % 16)  # remembered: no second scan
+    assert scans == [1]
+
+
+def test_a_store_with_a_fresh_atlas_index_shows_the_atlas_at_once(cache, tmp_path, monkeypatch) -> None:
+    from scorecam_explorer.atlas_index import build_atlas_index
+
+    path = save_cache(cache, tmp_path / "set.zarr")
+    build_atlas_index(path, progress=False)
+    monkeypatch.setattr(atlas._Source, "_scan", lambda *a, **k: pytest.fail("scanned despite a fresh index"))
+    explorer = Explorer(open_dataset(path))
+    assert explorer.atlas.deferred.layout.display == "none"
     layer, channel = explorer.state.selection.layer, explorer.state.selection.channel
     assert shown_order(explorer, cache) == descending(own_weights(cache, layer, channel))[:9].tolist()
 

@@ -43,7 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="STORE.zarr",
         help="serve a dataset store (made by compute-dataset) as it is, opened lazily: only its complete images, "
-        "each read when shown; no model is loaded",
+        "each read when shown; no model is loaded. Its atlas index (see `atlas-index`) is built first where it is "
+        "not fresh, the one time every image is read",
+    )
+    parser.add_argument(
+        "--no-atlas-index",
+        action="store_true",
+        help="with --dataset: serve at once without building the atlas index (the Atlas panel then reads the images "
+        "when asked)",
     )
     parser.add_argument(
         "--layer", nargs="+", default=None, metavar="NAME",
@@ -106,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--dataset serves a dataset store as it is; {', '.join(given)} cannot be used with it "
                 "(compute-dataset chose the model, layers and convention)."
             )
+    if args.no_atlas_index and args.dataset is None:
+        raise ScorecamError("--no-atlas-index applies to --dataset only (a cache in memory needs no atlas index).")
     if args.images is not None:
         webapp.picture_set(args.images)  # a missing or empty folder fails before the server starts
     if args.dataset is not None:
@@ -185,7 +194,7 @@ def _serve_dataset(args: argparse.Namespace, options: ServeOptions) -> int:
     with webapp.app_server(options, open_browser=not args.no_browser) as server:
         server.expect(store, model_name=None, weights="none")
         try:
-            prepared = webapp.prepare_dataset(store, report=server.report)
+            prepared = webapp.prepare_dataset(store, report=server.report, atlas_index=not args.no_atlas_index)
         except ScorecamError as error:
             server.fail(str(error))
             raise

@@ -21,6 +21,7 @@ import html
 import ipywidgets as widgets
 import xarray as xr
 
+from scorecam_explorer.errors import ScorecamError
 from scorecam_explorer.explorer.panel import LiveFigure, Panel, scrolling
 from scorecam_explorer.explorer.state import ATLAS_CHANNELS, ATLAS_EXAMPLES, ExplorerState, Selection
 from scorecam_explorer.figures import style
@@ -61,6 +62,19 @@ def pending_text(pending: int) -> str:
     return f"{pending} picture(s) of the set are still being computed and are left out until they are complete."
 
 
+def read_text(layer: str, images: int, done: int | None = None) -> str:
+    """Why the atlas waits for the button (a dataset store without a fresh atlas index), or
+    how far reading has come."""
+    if done is not None:
+        return f"<div style='font-size:12px;color:#444'>Reading picture {done} of {images} ...</div>"
+    return (
+        "<div style='font-size:12px;color:#444;line-height:1.5'>"
+        f"The atlas of {html.escape(layer)} needs each picture's masked outputs once: {images} pictures read from "
+        "the dataset store (on a large store, a minute or more). "
+        "<code>scorecam-explorer atlas-index STORE</code> saves them beside the store, and the atlas then opens at once.</div>"
+    )
+
+
 def example_class(examples: xr.Dataset, rank: int) -> int:
     """The class the value of example ``rank`` was computed for (its picture's own top class)."""
     return int(examples["target_class"].values[rank])
@@ -79,6 +93,7 @@ class AtlasPanel(Panel):
         self.active = state.image_count > 1
         self._examples = None
         self._channels = None
+        self._shown_layer: tuple[str, str] | None = None
         self.by = widgets.ToggleButtons(
             description="Rank pictures",
             options=[(label, key) for key, label in RANKINGS.items()],
@@ -106,6 +121,13 @@ class AtlasPanel(Panel):
         self.class_channels.widget.on_point_click(self._on_channel_click)
         self.by.observe(lambda _change: self.refresh(frozenset({"by"})), names="value")
         self.channel.observe(lambda change: self.apply(channel=int(change["new"])), names="value")
+        self.read_button = widgets.Button(
+            description="Read the pictures", icon="table", tooltip="read every picture of the set once for this layer",
+            layout=widgets.Layout(width="190px"),
+        )
+        self.read_button.on_click(lambda _button: self.read_pictures())
+        self.read_text = widgets.HTML()
+        self.deferred = widgets.VBox([self.read_text, self.read_button], layout=widgets.Layout(display="none"))
         width = grid_geometry(examples)["width"]
         charts = widgets.HBox(
             [scrolling(self.profile.widget), scrolling(self.class_channels.widget)],
@@ -115,21 +137,22 @@ class AtlasPanel(Panel):
         for box in charts.children:
             box.layout.width = f"{CHART_WIDTH}px"
             box.layout.max_width = "100%"
+        self.figures = widgets.HBox(
+            [
+                widgets.Box([self.grid.widget], layout=widgets.Layout(width=f"{width}px", max_width="100%",
+                                                                     overflow="auto hidden")),
+                charts,
+            ],
+            layout=widgets.Layout(flex_flow="row wrap", align_items="flex-start", grid_gap=f"0 {GAP}px", width="100%"),
+        )
         self._widget = widgets.VBox(
             [
                 self.intro,
                 widgets.HBox([self.by, self.channel], layout=widgets.Layout(flex_flow="row wrap")),
                 self.message,
                 self.note,
-                widgets.HBox(
-                    [
-                        widgets.Box([self.grid.widget], layout=widgets.Layout(width=f"{width}px", max_width="100%",
-                                                                             overflow="auto hidden")),
-                        charts,
-                    ],
-                    layout=widgets.Layout(flex_flow="row wrap", align_items="flex-start", grid_gap=f"0 {GAP}px",
-                                          width="100%"),
-                ),
+                self.deferred,
+                self.figures,
             ]
         )
         self.refresh()
@@ -205,7 +228,19 @@ class AtlasPanel(Panel):
         self.intro.value = intro_html(selection.layer, selection.channel, self.state.image_count)
         if self.grid is None or self.profile is None or self.class_channels is None:
             return
-        everything = changed & {"cache", "layer", "preset"}
+        ready = self.state.atlas_ready(selection)
+        self.deferred.layout.display = None if not ready else "none"
+        self.figures.layout.display = None if ready else "none"
+        if not ready:
+            # A dataset store without a fresh atlas index: reading every picture is the
+            # user's choice, never a side effect of opening the explorer.
+            self.read_text.value = read_text(selection.layer, self.state.image_count)
+            self._examples = self._channels = None
+            self._shown_layer = None
+            self.note.value = ""
+            return
+        everything = bool(changed & {"cache", "layer", "preset"}) or self._shown_layer != (selection.layer, selection.preset)
+        self._shown_layer = (selection.layer, selection.preset)
         if everything or changed & {"channel", "by", "image", "colormap", "opacity"}:
             self.grid.show(self._grid_spec(selection))
         if everything or changed & {"channel", "target"}:
@@ -217,6 +252,22 @@ class AtlasPanel(Panel):
             f"<div style='color:#555;font-size:12px;margin:2px 0'>{html.escape(pending_text(pending))}</div>"
             if pending else ""
         )
+
+    def read_pictures(self) -> None:
+        """Read every picture once for the atlas of the selected layer (the button), showing
+        progress, then draw it."""
+        self.read_button.disabled = True
+        try:
+            self.state.prepare_atlas(on_image=self._show_reading)
+        except ScorecamError as error:
+            self.show_error(str(error))
+        finally:
+            self.read_button.disabled = False
+        self.refresh(frozenset({"layer"}))
+
+    def _show_reading(self, done: int, total: int) -> None:
+        if done == total or done % max(1, total // 50) == 0:
+            self.read_text.value = read_text(self.state.selection.layer, total, done=done)
 
     def _on_thumbnail_click(self, trace: int, _point: int) -> None:
         """A click on thumbnail r (traces 3r..3r+2) opens its picture, with the class its

@@ -485,6 +485,25 @@ class ExplorerState:
         """How many pictures the cache holds (the atlas is shown for more than one)."""
         return int(self._cache.dataset.sizes["image"])
 
+    def atlas_ready(self, selection: Selection | None = None) -> bool:
+        """Whether the atlas of the selected layer and preset can be shown without reading
+        every picture from disk (:func:`scorecam_explorer.atlas.tables_ready`): always for a
+        cache in memory; for a dataset store, once its atlas index is fresh or the pictures
+        were read (:meth:`prepare_atlas`)."""
+        from scorecam_explorer import atlas
+
+        s = selection or self._selection
+        return atlas.tables_ready(self._cache, s.layer, preset=s.preset)
+
+    def prepare_atlas(self, on_image: Callable[[int, int], None] | None = None, selection: Selection | None = None) -> None:
+        """Read every picture once for the atlas of the selected layer and preset (the scan of
+        :func:`scorecam_explorer.atlas.atlas_tables`, remembered for this cache);
+        ``on_image(done, total)`` after each picture."""
+        from scorecam_explorer import atlas
+
+        s = selection or self._selection
+        atlas.atlas_tables(self._cache, s.layer, preset=s.preset, on_image=on_image)
+
     def atlas_examples(self, by: str = "weight", k: int = ATLAS_EXAMPLES, selection: Selection | None = None) -> xr.Dataset:
         """``atlas.channel_examples`` for the selected layer, channel and preset: the ``k``
         pictures where the channel weighs most for each picture's own top class
