@@ -81,6 +81,10 @@ def value_text(value: float, by: str) -> str:
     return f"w = {text}" if by == "weight" else f"peak A = {text}"
 
 
+CAPTION_LENGTH = 18
+"""Characters of a picture's id or class name a thumbnail's caption shows (longer ones are cut)."""
+
+
 def short(text: str, length: int = 22) -> str:
     """``text`` cut to ``length`` characters (an ellipsis says so)."""
     return text if len(text) <= length else text[: length - 1] + "…"
@@ -156,10 +160,10 @@ def atlas_grid_spec(
     geometry = grid_geometry(count, columns)
     captions = []
     for rank in range(count):
-        image_id = html.escape(short(str(examples["image"].values[rank]), 18))
+        image_id = html.escape(short(str(examples["image"].values[rank]), CAPTION_LENGTH))
         if current_image is not None and int(examples["image_index"].values[rank]) == int(current_image):
             image_id = f"<b>▶ {image_id}</b>"
-        name = html.escape(short(str(examples["target_name"].values[rank]), 18))
+        name = html.escape(short(str(examples["target_name"].values[rank]), CAPTION_LENGTH))
         captions.append(f"{image_id}<br>{value_text(float(examples['value'].values[rank]), by)} · {name}")
     layout = style.grid(
         geometry["rows"], columns, titles=captions, horizontal_spacing=geometry["horizontal_spacing"],
