@@ -168,7 +168,7 @@ def channel_examples(
     value = weight if by == "weight" else peak
     order = rank_order(value)[:count]
     constant = tables["constant"].values[order, channel]
-    masks = np.stack([source.mask(int(row), channel, bool(flag)) for row, flag in zip(order, constant)])
+    masks = source.masks(order, channel, constant)
     names = source.class_names
     examples = xr.Dataset(
         {
@@ -385,10 +385,16 @@ class _Source:
             rows.append(preset_weights(preset, scores, layer=self.layer))
         return np.concatenate(rows, axis=0)
 
-    def mask(self, image: int, channel: int, constant: bool) -> np.ndarray:
-        values = np.asarray(self.node["activation"].isel(image=image, channel=channel).values)
+    def masks(self, images: np.ndarray, channel: int, constant: np.ndarray) -> np.ndarray:
+        """H_ik of ``channel`` on each of ``images`` (row indices): (image, y, x) float32. The
+        activations are read in one go (one read per image chunk of a store, a single dask
+        computation: per-read overhead, not data, is what a few masks cost)."""
         size = (int(self.tree.dataset.sizes["y"]), int(self.tree.dataset.sizes["x"]))
-        return engine_mask(values, size, convention_fields(self.tree), constant)
+        if len(images) == 0:
+            return np.zeros((0, *size), dtype=np.float32)
+        values = np.asarray(self.node["activation"].isel(image=np.asarray(images, dtype=np.int64), channel=channel).values)
+        convention = convention_fields(self.tree)
+        return np.stack([engine_mask(values[rank], size, convention, bool(flag)) for rank, flag in enumerate(constant)])
 
     def _scan(self, presets: Sequence[Preset], on_image: OnImage | None = None) -> list[xr.Dataset]:
         """One pass over the images: u, t, a, the constant flags and the sum of w over images,

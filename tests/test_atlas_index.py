@@ -299,3 +299,22 @@ def test_reading_validating_and_resuming_the_store_ignore_the_index(client, stor
         assert load_cache(store).sizes["image"] == N_IMAGES
     assert [str(w.message) for w in caught if "atlas" in str(w.message) or "not recognized" in str(w.message)] == []
     assert index_status(store, LAYER) == "stale"
+
+
+@pytest.mark.slow
+def test_the_atlas_benchmark_runs_on_a_small_store() -> None:
+    """benchmarks/bench_atlas.py on 12 images: it runs through (open, index, questions, the
+    explorer's interactions, the scan) and finds the index's answers identical to the scan's.
+    Its exit status also reflects the time targets, which a busy machine may miss: not checked."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_atlas.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--images", "12", "--scan-images", "6", "--repeat", "2"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "CPU: " in result.stdout and "the Atlas from the index" in result.stdout
+    assert "index answers identical to the scan's on these 6 images: yes" in result.stdout, result.stdout

@@ -94,6 +94,8 @@ class AtlasPanel(Panel):
         self._examples = None
         self._channels = None
         self._shown_layer: tuple[str, str] | None = None
+        self._thumbnails: dict = {}
+        self._thumbnails_of: tuple[int, str, int] | None = None
         self.by = widgets.ToggleButtons(
             description="Rank pictures",
             options=[(label, key) for key, label in RANKINGS.items()],
@@ -169,13 +171,19 @@ class AtlasPanel(Panel):
 
     def _grid_spec(self, selection: Selection) -> dict:
         examples = self.state.atlas_examples(self.by.value, self.examples_count, selection)
-        pictures = [self.state.picture_of(int(index)) for index in examples["image_index"].values]
+        pictures = self.state.pictures_of(examples["image_index"].values)
         used = int(examples.attrs.get("images", self.state.image_count))
         ranking = "weight for its own class" if self.by.value == "weight" else "activation peak"
         self._examples = examples
+        if self._thumbnails_of != (id(self.state.cache), selection.layer, selection.channel):
+            # a thumbnail is named by its picture's index: valid for one cache, layer and channel
+            self._thumbnails_of = (id(self.state.cache), selection.layer, selection.channel)
+            self._thumbnails.clear()
         return atlas_grid_spec(
             examples,
             pictures,
+            thumbnails=self._thumbnails,
+            keys=[int(index) for index in examples["image_index"].values],
             colormap=selection.colormap,
             opacity=selection.opacity,
             current_image=selection.image,

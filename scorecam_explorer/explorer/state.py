@@ -458,7 +458,7 @@ class ExplorerState:
     def picture(self, selection: Selection | None = None) -> xr.DataArray:
         """The selected picture, uint8 (y, x, rgb)."""
         s = selection or self._selection
-        return self._remember(("picture", s.image), lambda: analysis.picture(self._cache, s.image))
+        return self._remember(("picture", s.image), lambda: analysis.picture(self._cache, s.image).load())
 
     def predictions(self, image: int | None = None, count: int = 10) -> xr.DataArray:
         """The top ``count`` classes of the unmasked input with their probabilities."""
@@ -541,6 +541,17 @@ class ExplorerState:
     def picture_of(self, image: int) -> xr.DataArray:
         """Picture ``image`` (an index), uint8 (y, x, rgb); only that picture is read."""
         return self.picture(dataclasses.replace(self._selection, image=int(image)))
+
+    def pictures_of(self, images: Sequence[int]) -> list[xr.DataArray]:
+        """Pictures ``images`` (indices), uint8 (y, x, rgb): those not remembered yet are read
+        in one go (on a dataset store, one computation for all of them rather than one each)."""
+        indices = [int(image) for image in images]
+        missing = sorted({index for index in indices if ("picture", index) not in self._memo})
+        if len(missing) > 1:
+            loaded = self._cache["picture"].isel(image=missing).load()
+            for row, index in enumerate(missing):
+                self._remember(("picture", index), lambda row=row: loaded.isel(image=row))
+        return [self.picture_of(index) for index in indices]
 
     def warm_up(self) -> None:
         """Read every layer's arrays once so that the first visit to a layer is fast.

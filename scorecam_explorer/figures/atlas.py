@@ -14,6 +14,7 @@ figures do, and has a ``*_figure`` twin returning a ``go.Figure``.
 from __future__ import annotations
 
 import html
+from collections.abc import Hashable, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -140,9 +141,15 @@ def atlas_grid_spec(
     title: str | None = None,
     subtitle: str | None = None,
     columns: int = COLUMNS,
+    thumbnails: MutableMapping[Hashable, tuple[dict[str, Any], dict[str, Any], tuple[int, int]]] | None = None,
+    keys: Sequence[Hashable] | None = None,
 ) -> Spec:
     """The channel's top pictures in rank order, :data:`COLUMNS` to a row, each with the
     channel's mask over it.
+
+    ``thumbnails`` (with ``keys``, one per rank, naming what picture and mask rank r shows):
+    the picture and mask traces (PNG-encoded thumbnails) already made, reused by key and colour
+    map, and filled in for the others (the caller keeps it while the keys mean the same pictures and masks).
 
     ``examples`` is ``atlas.channel_examples(...)`` (dim rank: image, image_index, value,
     target_name, mask (rank, y, x)); ``pictures[r]`` is the picture (uint8 y, x, rgb) of rank
@@ -172,18 +179,26 @@ def atlas_grid_spec(
     masks = examples["mask"].transpose("rank", "y", "x")
     traces: list[dict[str, Any]] = []
     for rank in range(count):
-        photo, coloured = thumbnail(pictures[rank], masks.values[rank], colormap=colormap)
+        axis = rank + 1
+        key = None if thumbnails is None or keys is None else (keys[rank], colormap)
+        if key is not None and key in thumbnails:
+            photo_trace, mask_trace, size = thumbnails[key]
+        else:
+            photo, coloured = thumbnail(pictures[rank], masks.values[rank], colormap=colormap)
+            photo_trace, mask_trace, size = picture_trace(photo, "photo"), picture_trace(coloured, "mask"), photo.shape[:2]
+            if key is not None:
+                thumbnails[key] = (photo_trace, mask_trace, size)
+        on_axes = {"xaxis": f"x{'' if axis == 1 else axis}", "yaxis": f"y{'' if axis == 1 else axis}"}
         hover = (
             f"{html.escape(str(examples['image'].values[rank]))}<br>"
             f"{html.escape(str(examples['target_name'].values[rank]))}<br>"
             f"{value_text(float(examples['value'].values[rank]), by)}<br>click to open this picture"
         )
-        axis = rank + 1
-        traces.append(picture_trace(photo, "photo", axis=axis))
-        traces.append(picture_trace(coloured, "mask", opacity=opacity, axis=axis))
-        traces.append(hit_trace(photo.shape[:2], hover, axis))
+        traces.append({**photo_trace, **on_axes})
+        traces.append({**mask_trace, **on_axes, "opacity": float(opacity)})
+        traces.append(hit_trace(size, hover, axis))
         suffix = "" if axis == 1 else str(axis)
-        height, width = photo.shape[:2]
+        height, width = size
         layout[f"xaxis{suffix}"] = {**layout[f"xaxis{suffix}"], "range": [-0.5, width - 0.5], "autorange": False}
         layout[f"yaxis{suffix}"] = {**layout[f"yaxis{suffix}"], "range": [height - 0.5, -0.5], "autorange": False}
     margins = geometry["margins"]
