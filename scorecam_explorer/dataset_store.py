@@ -430,9 +430,11 @@ def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -
     ``complete_only`` keeps only the images whose row is complete (all of them in a finished
     store; an interrupted one also has rows not yet computed, which hold NaN). Read into
     memory now: the ``complete`` flags, so the tree keeps the complete rows it was opened with
-    (open the store again to see rows completed since), and the unmasked and baseline outputs
-    (:data:`ROOT_EAGER`, (image, class), up to :data:`EAGER_LIMIT_BYTES` each). Nothing else is
-    read until you compute something. The tree remembers the store it came from
+    (open the store again to see rows completed since), and, with ``complete_only``, the
+    complete rows' unmasked and baseline outputs (:data:`ROOT_EAGER`, (image, class), up to
+    :data:`EAGER_LIMIT_BYTES` each; from the atlas index's one file when it was written for
+    those rows, :func:`scorecam_explorer.atlas_index.root_outputs`). Nothing else is read until
+    you compute something. The tree remembers the store it came from
     (:func:`opened_from`).
     """
     source = Path(store)
@@ -450,15 +452,21 @@ def open_dataset(store: str | os.PathLike[str], *, complete_only: bool = True) -
 
         group = zarr.open_group(str(source), mode="r", zarr_format=3)
         flags = np.asarray(group["complete"][:], dtype=bool)
-        eager = {"complete": flags}
+        tree.dataset = tree.dataset.assign(complete=tree["complete"].variable.copy(data=flags))
+        tree = complete_rows(tree) if complete_only else tree
         # The unmasked and baseline outputs, (image, class), are what every view of any image
-        # needs (its top classes): small, but one chunk per image, so read with zarr's own
-        # concurrent reads now rather than chunk by chunk through dask at the first view.
-        for name in ROOT_EAGER:
-            if name in tree.dataset.data_vars and tree[name].nbytes <= EAGER_LIMIT_BYTES:
-                eager[name] = np.asarray(group[name][:])
-        tree.dataset = tree.dataset.assign({name: tree[name].variable.copy(data=data) for name, data in eager.items()})
-    tree = complete_rows(tree) if complete_only else tree
+        # needs (its top classes): small, but one chunk per image. Read now, from the atlas
+        # index's single file when it was written for exactly these images, else with zarr.
+        # (Only for the complete rows: a caller asking for every row wants the flags, and gets
+        # the rest lazily, as before.)
+        eager = [name for name in ROOT_EAGER if name in tree.dataset.data_vars and tree[name].nbytes <= EAGER_LIMIT_BYTES]
+        if complete_only and eager:
+            saved = _saved_root_outputs(source, tree)
+            rows = np.flatnonzero(flags)
+            values = {name: saved[name] if saved is not None else np.asarray(group[name][:])[rows] for name in eager}
+            tree.dataset = tree.dataset.assign({name: tree[name].variable.copy(data=values[name]) for name in eager})
+    else:
+        tree = complete_rows(tree) if complete_only else tree
     _remember_source(tree, source)
     return tree
 
@@ -506,6 +514,14 @@ def opened_from(tree: xr.DataTree) -> Path | None:
     if now.keys() != held.keys() or any(now[key] is not held[key] for key in held) or dict(tree.attrs) != attrs:
         return None
     return source
+
+
+def _saved_root_outputs(source: Path, tree: xr.DataTree) -> dict[str, np.ndarray] | None:
+    """The complete rows' outputs from the store's atlas index, when written for these rows."""
+    from scorecam_explorer.atlas_index import root_outputs
+
+    ids = [str(image) for image in np.asarray(tree["image"].values)]
+    return root_outputs(source, ids, dict(tree.attrs))
 
 
 def complete_rows(tree: xr.DataTree) -> xr.DataTree:

@@ -318,3 +318,39 @@ def test_the_atlas_benchmark_runs_on_a_small_store() -> None:
     assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "CPU: " in result.stdout and "the Atlas from the index" in result.stdout
     assert "index answers identical to the scan's on these 6 images: yes" in result.stdout, result.stdout
+
+
+def test_the_outputs_file_gives_open_dataset_the_same_logits_and_only_for_its_rows(store, cache, monkeypatch) -> None:
+    """build_atlas_index saves the complete rows' unmasked and baseline outputs in one file;
+    open_dataset reads them from it only while it was written for exactly those rows (else
+    from the store, chunk by chunk): the values are the store's either way."""
+    from scorecam_explorer import atlas_index as index_module
+    from scorecam_explorer.dataset_store import open_dataset
+
+    build_atlas_index(store, progress=False)
+    assert (index_module.index_folder(store) / index_module.ROOT_OUTPUTS).is_file()
+    used = []
+    original = index_module.root_outputs
+    monkeypatch.setattr(index_module, "root_outputs", lambda *a, **k: used.append(r := original(*a, **k)) or r)
+    for name in ("logits", "baseline_logits"):
+        np.testing.assert_array_equal(open_dataset(store)[name].values, cache[name].values)
+    assert used and all(found is not None for found in used)  # answered by the file
+    unfinish(store, [1])  # other complete rows: the file no longer applies
+    used.clear()
+    tree = open_dataset(store)
+    assert used == [None]
+    for name in ("logits", "baseline_logits"):
+        np.testing.assert_array_equal(tree[name].values, np.delete(cache[name].values, 1, axis=0))
+    whole = open_dataset(store, complete_only=False)  # every row: left lazy, the file not read
+    assert whole["logits"].chunks is not None
+
+
+def test_a_damaged_outputs_file_is_ignored_with_a_warning(store, cache) -> None:
+    from scorecam_explorer import atlas_index as index_module
+    from scorecam_explorer.dataset_store import open_dataset
+
+    build_atlas_index(store, progress=False)
+    (index_module.index_folder(store) / index_module.ROOT_OUTPUTS).write_bytes(b"not an npz")
+    with pytest.warns(UserWarning, match="damaged"):
+        tree = open_dataset(store)
+    np.testing.assert_array_equal(tree["logits"].values, cache["logits"].values)
