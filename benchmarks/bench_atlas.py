@@ -256,19 +256,19 @@ def explorer_interactions(store: Path, n_images: int, channels: int, repeat: int
 def samples_set() -> None:
     """``app --images samples``: the cache of every bundled photo at the default layer, computed
     as the command computes it (a fresh cache folder, so nothing is reused)."""
-    from scorecam_explorer import webapp
     from scorecam_explorer.images import sample_names
+    from scorecam_explorer.serving import app_cache
 
     folder = Path(tempfile.mkdtemp(prefix="bench-atlas-samples-"))
     try:
         seconds, prepared = timed(
-            lambda: webapp.prepare_cache(model_name=None, images="samples", cache_path=folder / "samples.zarr",
+            lambda: app_cache.prepare_cache(model_name=None, images="samples", cache_path=folder / "samples.zarr",
                                          progress=False, log=lambda line: None)
         )
         print(f"app --images samples: {len(sample_names())} photos at {', '.join(prepared.layers)}: computed in {seconds:.0f} s "
               f"({seconds / len(sample_names()):.1f} s per photo)")
         seconds, _ = timed(
-            lambda: webapp.prepare_cache(model_name=None, images="samples", cache_path=folder / "samples.zarr",
+            lambda: app_cache.prepare_cache(model_name=None, images="samples", cache_path=folder / "samples.zarr",
                                          progress=False, log=lambda line: None)
         )
         print(f"  the second start reuses it: {seconds:.1f} s")

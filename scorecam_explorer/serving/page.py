@@ -174,14 +174,14 @@ class ModelSpec:
 def build_explorer(cache: str, spec: ModelSpec) -> Any:
     """The explorer of the cache (or dataset store, opened lazily) at ``cache``; the model
     (``spec``) is loaded only on request."""
-    from scorecam_explorer.webapp import open_for_app
+    from scorecam_explorer.serving.app_cache import open_for_app
 
     return explorer_of(*open_for_app(Path(cache)), spec=spec)
 
 
 async def build_explorer_async(cache: str, spec: ModelSpec) -> Any:
     """:func:`build_explorer`, reading the cache in a thread so that the page keeps updating."""
-    from scorecam_explorer.webapp import open_for_app
+    from scorecam_explorer.serving.app_cache import open_for_app
 
     return explorer_of(*await asyncio.to_thread(open_for_app, Path(cache)), spec=spec)
 
