@@ -134,7 +134,11 @@ def _in_memory(dataset: xr.Dataset) -> bool:
 
 
 def _read_layer(node: xr.Dataset) -> _LayerArrays:
-    """A layer node's arrays as numpy (reads the images ``node`` holds, all of them)."""
+    """A layer node's arrays as numpy (reads the images ``node`` holds, all of them).
+
+    A lazy node's three arrays are read in one computation: on a dataset store each read of
+    a row has an overhead of its own, larger than decoding one image's data."""
+    node = node[["activation", "masked_logits", "constant"]].compute()
     return _LayerArrays(
         activation=np.asarray(node["activation"].transpose("image", "channel", "fy", "fx").values),
         masked_logits=np.asarray(node["masked_logits"].transpose("image", "channel", "class").values),

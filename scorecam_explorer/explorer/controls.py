@@ -55,12 +55,10 @@ def layer_caption(state: ExplorerState, layer: str, image: int) -> str:
     """'1280 channels of 7×7 · 839 channels are zero on this photo and cost no forward pass ·
     layer 3 of 3 cached, shallow to deep' (HTML)."""
     node = state.cache[layer]
-    constant = node["constant"].isel(image=image).values.astype(bool)
-    activation = node["activation"].isel(image=image)
-    zero = int((constant & (abs(activation).max(dim=("fy", "fx")).values == 0)).sum())
+    constant, zero = state.flat_channels(layer, image)
     parts = (
         f"{node.sizes['channel']} channels of {node.sizes['fy']}×{node.sizes['fx']}",
-        flat_channels_text(int(constant.sum()), zero),
+        flat_channels_text(constant, zero),
         f"layer {state.layers.index(layer) + 1} of {len(state.layers)} cached, shallow to deep",
     )
     return f"<span style='font-size:12px;color:#444'>{' · '.join(html.escape(part) for part in parts)}</span>"

@@ -538,6 +538,18 @@ class ExplorerState:
             lambda: atlas.class_channels(self._cache, s.layer, s.target, k, preset=s.preset).load(),
         )
 
+    def flat_channels(self, layer: str, image: int) -> tuple[int, int]:
+        """(flagged constant, and of those all zero): channel counts of ``layer`` on picture
+        ``image``, read in one go and remembered."""
+
+        def compute() -> tuple[int, int]:
+            node = self._cache[layer].to_dataset(inherit=False)[["constant", "activation"]].isel(image=int(image)).compute()
+            constant = node["constant"].values.astype(bool)
+            zero = int((constant & (abs(node["activation"]).max(dim=("fy", "fx")).values == 0)).sum())
+            return int(constant.sum()), zero
+
+        return self._remember(("flat-channels", layer, int(image)), compute)
+
     def picture_of(self, image: int) -> xr.DataArray:
         """Picture ``image`` (an index), uint8 (y, x, rgb); only that picture is read."""
         return self.picture(dataclasses.replace(self._selection, image=int(image)))
