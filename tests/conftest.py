@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from _tiny_models import TinyCNN
+from _tiny_models import TinyCNN, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +63,31 @@ def native_bfloat16(monkeypatch):
 def no_native_bfloat16(monkeypatch):
     """bfloat16 counted as not native on every device (in this process): it must be refused."""
     _patched_bfloat16_support(monkeypatch, False, "CPU capability AVX2: no AVX512-BF16, no AMX")
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """``load_model("tiny", weights=SEED)``: the tiny CNN (default layer ``features``) with
+    weights from SEED (DEFAULT: 0); the calls made are returned for the test to check."""
+    from scorecam_explorer.errors import UnknownModelError
+
+    calls: list[tuple[str, object]] = []
+
+    def load_model(name: str = "tiny", weights: object = "DEFAULT", device: object = None):
+        calls.append((name, weights))
+        if name != "tiny":
+            raise UnknownModelError(f"unknown model {name!r} (test registry)")
+        return tiny_model(seed=0 if weights in ("DEFAULT", None) else int(str(weights)))
+
+    monkeypatch.setattr("scorecam_explorer.models.load_model", load_model)
+    return calls
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """An empty cache directory for the app (``SCORECAM_EXPLORER_CACHE_DIR``)."""
+    from scorecam_explorer.serving.app_cache import ENV_CACHE_DIR
+
+    home = tmp_path / "cache-home"
+    monkeypatch.setenv(ENV_CACHE_DIR, str(home))
+    return home

@@ -19,35 +19,13 @@ from _tiny_models import tiny_model, write_images
 from scorecam_explorer import cli, webapp
 from scorecam_explorer.cache import load_cache, save_cache
 from scorecam_explorer.engine import compute_cache
-from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError, UnknownModelError
+from scorecam_explorer.errors import CacheError, ImageLoadError, ScorecamError
 from scorecam_explorer.images import sample_names
 from scorecam_explorer.serving import page as app_page_module
 from scorecam_explorer.serving.options import ServeOptions
 from scorecam_explorer.serving.status import AppStatus, read_status, write_status
 
 N_PICTURES = 3
-
-
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """``load_model("tiny", weights=SEED)``: the tiny CNN (default layer ``features``)."""
-    calls: list[tuple[str, object]] = []
-
-    def load_model(name: str = "tiny", weights: object = "DEFAULT", device: object = None):
-        calls.append((name, weights))
-        if name != "tiny":
-            raise UnknownModelError(f"unknown model {name!r} (test registry)")
-        return tiny_model(seed=0 if weights in ("DEFAULT", None) else int(str(weights)))
-
-    monkeypatch.setattr("scorecam_explorer.models.load_model", load_model)
-    return calls
-
-
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "cache-home"
-    monkeypatch.setenv(webapp.ENV_CACHE_DIR, str(home))
-    return home
 
 
 @pytest.fixture

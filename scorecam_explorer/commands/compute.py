@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from scorecam_explorer.commands._common import add_convention_argument, add_model_arguments, model_from_arguments
+from scorecam_explorer.commands._common import (
+    add_convention_argument,
+    add_family_arguments,
+    add_model_arguments,
+    model_from_arguments,
+    positive_int,
+)
 from scorecam_explorer.device import PRECISIONS  # importing it needs no torch
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,27 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_convention_argument(parser)
-    parser.add_argument(
-        "--family",
-        default="score-cam",
-        choices=["score-cam", "ss-cam", "is-cam"],
-        help="Score-CAM (one masked input per channel), SS-CAM (noisy masks) or IS-CAM (scaled masks); "
-        "SS-CAM and IS-CAM forward --samples inputs per channel (default: score-cam)",
-    )
-    parser.add_argument(
-        "--samples",
-        type=positive_int,
-        metavar="S",
-        help="masked inputs per channel for ss-cam / is-cam (default: torchcam's, 35 for ss-cam, 10 for is-cam)",
-    )
-    parser.add_argument(
-        "--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="N",
-        help="SS-CAM's noise seed, recorded in the cache (default: torch's global generator, whose state is recorded)",
+    add_family_arguments(
+        parser,
+        family_default="score-cam",
+        seed_help="SS-CAM's noise seed, recorded in the cache (default: torch's global generator, whose state is recorded)",
     )
     parser.add_argument(
         "--batch-size",

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from scorecam_explorer.commands._common import add_convention_argument, add_model_arguments
-from scorecam_explorer.commands.compute import positive_int
+from scorecam_explorer.commands._common import add_convention_argument, add_family_arguments, add_model_arguments
 from scorecam_explorer.device import PRECISIONS
 
 if TYPE_CHECKING:
@@ -45,27 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, help="worker processes of the local cluster (default: one per core, or 1 with a GPU)"
     )
     add_convention_argument(parser)
-    parser.add_argument(
-        "--family",
-        default="score-cam",
-        choices=["score-cam", "ss-cam", "is-cam"],
-        help="Score-CAM (one masked input per channel), SS-CAM (noisy masks) or IS-CAM (scaled masks); "
-        "SS-CAM and IS-CAM forward --samples inputs per channel (default: score-cam)",
-    )
-    parser.add_argument(
-        "--samples",
-        type=positive_int,
-        metavar="S",
-        help="masked inputs per channel for ss-cam / is-cam (default: torchcam's, 35 for ss-cam, 10 for is-cam)",
-    )
-    parser.add_argument(
-        "--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="N",
-        help="SS-CAM's noise seed: every image's noise is drawn from a generator seeded with it (default: 0)",
+    add_family_arguments(
+        parser,
+        family_default="score-cam",
+        seed_help="SS-CAM's noise seed: every image's noise is drawn from a generator seeded with it (default: 0)",
     )
     parser.add_argument(
         "--batch-size", type=int, help="masked inputs per forward pass (default: measured by each worker)"

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scorecam_explorer.commands._common import add_model_arguments, model_from_arguments
-from scorecam_explorer.commands.compute import positive_int
+from scorecam_explorer.commands._common import add_family_arguments, add_model_arguments, model_from_arguments
 from scorecam_explorer.methods import methods as registered_methods
 
 
@@ -37,18 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "energy pointing game; without it that metric is left out",
     )
     parser.add_argument("--preset", default="paper", help="Score-CAM weighting preset (default: paper)")
-    parser.add_argument(
-        "--family",
-        default=None,
-        choices=["score-cam", "ss-cam", "is-cam"],
-        help="the Score-CAM family member whose cache Score-CAM's maps come from: SS-CAM (noisy masks) or "
-        "IS-CAM (scaled masks) forward --samples inputs per channel (default: score-cam)",
-    )
-    parser.add_argument(
-        "--samples", type=positive_int, metavar="S", help="masked inputs per channel for ss-cam / is-cam"
-    )
-    parser.add_argument("--std", type=float, metavar="SIGMA", help="SS-CAM's noise standard deviation (default: 2.0)")
-    parser.add_argument("--seed", type=int, metavar="N", help="SS-CAM's noise seed (default: torch's global generator)")
+    add_family_arguments(parser, family_default=None, seed_help="SS-CAM's noise seed (default: torch's global generator)")
     parser.add_argument(
         "--keep-fraction", type=float, default=0.5, help="share of the map's top pixels kept for Average Drop (0.5)"
     )

@@ -165,16 +165,46 @@ def open_existing(path: Path, *, given_alone: bool = False) -> xr.DataTree:
         raise _refuse(path, str(error), given_alone=given_alone) from None
 
 
-def check_reusable(
-    cache: xr.DataTree, path: Path, model: LoadedModel, convention: str, image_id: str, pixels: np.ndarray
-) -> None:
-    """Refuse a cache made with other weights, another convention or another picture."""
+def _check_model_and_convention(cache: xr.DataTree, path: Path, model: LoadedModel, convention: str) -> None:
+    """Refuse a cache made with other weights or another convention."""
     from scorecam_explorer.cache import check_cache_matches
 
     try:
         check_cache_matches(cache, model=model, convention=convention)
     except CacheError as error:
         raise _refuse(path, str(error)) from None
+
+
+def _extended(
+    cache: xr.DataTree, path: Path, model: LoadedModel, missing: list[str], *, progress: bool, on_progress: Callable
+) -> PreparedCache:
+    """``cache`` with the layers ``missing`` computed and added, saved over ``path``."""
+    from scorecam_explorer.cache import cache_layers, save_cache
+    from scorecam_explorer.explorer.model_link import compute_layers
+
+    started = time.perf_counter()
+    cache = compute_layers(cache, model, missing, progress=progress, on_progress=on_progress)
+    save_cache(cache, path, overwrite=True)
+    return PreparedCache(path, "extended", cache_layers(cache), time.perf_counter() - started, model.name)
+
+
+def _save_computed(cache: xr.DataTree, path: Path, *, recompute: bool, report: Reporter) -> None:
+    """Save a freshly computed cache at ``path``, replacing what is there with ``recompute``."""
+    from scorecam_explorer.cache import save_cache
+
+    report(AppStatus("loading", "Saving the cache"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if recompute and path.exists():
+        replace_cache(cache, path)
+    else:
+        save_cache(cache, path)
+
+
+def check_reusable(
+    cache: xr.DataTree, path: Path, model: LoadedModel, convention: str, image_id: str, pixels: np.ndarray
+) -> None:
+    """Refuse a cache made with other weights, another convention or another picture."""
+    _check_model_and_convention(cache, path, model, convention)
     images = [str(name) for name in cache["image"].values]
     index = images.index(image_id) if image_id in images else 0 if len(images) == 1 else None
     cached = None if index is None else np.asarray(cache["picture"].isel(image=index).values)
@@ -253,15 +283,8 @@ def prepare_cache(
         if not missing:
             return PreparedCache(path, "reused", cache_layers(cache), model_name=model.name, tree=cache)
         log(f"adding layer(s) {', '.join(missing)} to {path} ...")
-        from scorecam_explorer.cache import save_cache
-        from scorecam_explorer.explorer.model_link import compute_layers
+        return _extended(cache, path, model, missing, progress=progress, on_progress=progress_reporter(report, model, missing))
 
-        started = time.perf_counter()
-        cache = compute_layers(cache, model, missing, progress=progress, on_progress=progress_reporter(report, model, missing))
-        save_cache(cache, path, overwrite=True)
-        return PreparedCache(path, "extended", cache_layers(cache), time.perf_counter() - started, model.name)
-
-    from scorecam_explorer.cache import save_cache
     from scorecam_explorer.engine import compute_cache
 
     log(f"computing Score-CAM for {identifier} at {', '.join(wanted)} (one forward pass per channel) ...")
@@ -269,12 +292,7 @@ def prepare_cache(
     cache = compute_cache(
         model, image, wanted, convention=convention, progress=progress, on_progress=progress_reporter(report, model, wanted)
     )
-    report(AppStatus("loading", "Saving the cache"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if recompute and path.exists():
-        replace_cache(cache, path)
-    else:
-        save_cache(cache, path)
+    _save_computed(cache, path, recompute=recompute, report=report)
     return PreparedCache(path, "computed", cache_layers(cache), time.perf_counter() - started, model.name)
 
 
@@ -341,12 +359,7 @@ def check_reusable_set(
 ) -> None:
     """Refuse a cache made with other weights, another convention or other pictures (ids, order
     or pixels)."""
-    from scorecam_explorer.cache import check_cache_matches
-
-    try:
-        check_cache_matches(cache, model=model, convention=convention)
-    except CacheError as error:
-        raise _refuse(path, str(error)) from None
+    _check_model_and_convention(cache, path, model, convention)
     cached_ids = [str(name) for name in cache["image"].values]
     if cached_ids != list(ids):
         raise _refuse(path, f"it was made for other pictures ({len(cached_ids)} cached, {len(ids)} given, or in another order)")
@@ -384,7 +397,7 @@ def prepare_picture_set(
     cache (default :func:`default_set_cache_path`) is reused when its weights, convention,
     image ids and pixels all match, extended with missing ``layers``, else computed.
     """
-    from scorecam_explorer.cache import cache_layers, save_cache
+    from scorecam_explorer.cache import cache_layers
     from scorecam_explorer.conventions import DEFAULT_CONVENTION
     from scorecam_explorer.engine import compute_cache
     from scorecam_explorer.errors import ImageLoadError
@@ -419,14 +432,9 @@ def prepare_picture_set(
         missing = [layer for layer in wanted if layer not in cache_layers(cache)]
         if not missing:
             return PreparedCache(path, "reused", cache_layers(cache), model_name=model.name, tree=cache)
-        from scorecam_explorer.explorer.model_link import compute_layers
-
         log(f"adding layer(s) {', '.join(missing)} to {path}: at most {masked_passes(model, missing, len(ids)):,} masked forward passes ...")
-        started = time.perf_counter()
         on_progress = progress_reporter(report, model, missing, n_images=len(ids), echo=_echo(log) if progress else None)
-        cache = compute_layers(cache, model, missing, progress=progress, on_progress=on_progress)
-        save_cache(cache, path, overwrite=True)
-        return PreparedCache(path, "extended", cache_layers(cache), time.perf_counter() - started, model.name)
+        return _extended(cache, path, model, missing, progress=progress, on_progress=on_progress)
 
     passes = masked_passes(model, wanted, len(ids))
     log(
@@ -437,12 +445,7 @@ def prepare_picture_set(
     started = time.perf_counter()
     on_progress = progress_reporter(report, model, wanted, n_images=len(ids), echo=_echo(log) if progress else None)
     cache = compute_cache(model, pictures, wanted, convention=convention, image_ids=ids, progress=progress, on_progress=on_progress)
-    report(AppStatus("loading", "Saving the cache"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if recompute and path.exists():
-        replace_cache(cache, path)
-    else:
-        save_cache(cache, path)
+    _save_computed(cache, path, recompute=recompute, report=report)
     return PreparedCache(path, "computed", cache_layers(cache), time.perf_counter() - started, model.name)
 
 
